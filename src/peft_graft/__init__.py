@@ -1,0 +1,30 @@
+"""peft-graft: GraftLLM SkillPacks as a Hugging Face PEFT method.
+
+``import peft_graft`` registers ``PeftType.GRAFT`` with PEFT, after which GRAFT adapters work with the usual PEFT
+calls: ``get_peft_model``, ``save_pretrained``, ``PeftModel.from_pretrained``, ``load_adapter`` and friends.
+"""
+
+from ._registration import register_graft_method
+from .config import DEFAULT_PRECISION_BANDS, GraftConfig
+from .errors import GraftConfigError, GraftError, PackFormatError
+from .layer import BASE_ADAPTER, GraftEmbedding, GraftLayer, GraftLinear, GraftSparseLinear
+from .model import GraftModel
+
+register_graft_method()
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BASE_ADAPTER",
+    "DEFAULT_PRECISION_BANDS",
+    "GraftConfig",
+    "GraftConfigError",
+    "GraftEmbedding",
+    "GraftError",
+    "GraftLayer",
+    "GraftLinear",
+    "GraftModel",
+    "GraftSparseLinear",
+    "PackFormatError",
+    "__version__",
+]

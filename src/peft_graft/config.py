@@ -1,0 +1,161 @@
+"""GraftConfig: the PEFT config of a SkillPack, i.e. which modules carry a delta and how it is compressed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+from peft.utils.other import get_pattern_key
+
+from .errors import GraftConfigError
+from .pack_format import FORMAT_VERSION, STORAGE_BITS
+
+DEFAULT_PRECISION_BANDS: tuple[tuple[int | None, int], ...] = ((16, 8), (112, 4), (None, 2))
+
+
+@dataclass
+class GraftConfig(PeftConfig):
+    """Configuration of a GRAFT adapter (a SkillPack).
+
+    Linear and Conv1D modules carry a low-rank delta ``U·diag(S)·Vᵀ``; embeddings and the output embedding
+    (``lm_head``) carry a sparse delta. On ``save_pretrained`` the low-rank factors are quantized per
+    ``precision_bands`` and bit-packed, and sparse deltas are magnitude-pruned to ``embed_density``.
+    """
+
+    r: int = field(
+        default=16,
+        metadata={"help": "Rank of the low-rank delta of each targeted Linear/Conv1D module, capped at min(in, out)."},
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names (or a regex over full module names) that receive a delta, e.g. ['q_proj', 'v_proj']. "
+            "Embeddings and lm_head get a sparse delta. None uses the architecture's default attention projections."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Module names (or a regex) to leave untouched even when they match target_modules."},
+    )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module ranks overriding r, keyed by module-name suffix or regex, "
+            "e.g. {'model.layers.0.mlp.down_proj': 7}. Extraction writes one entry per module."
+        },
+    )
+    precision_bands: list[tuple[int | None, int]] = field(
+        default_factory=lambda: list(DEFAULT_PRECISION_BANDS),
+        metadata={
+            "help": "Ordered (n_directions, bits) bands over the singular directions, most important first. "
+            "n_directions=None means 'the rest' and may only close the list; bits is one of 2, 3, 4, 8 or 16 "
+            "(16 = stored as fp16). Default: 8 bits for the first 16 directions, 4 for the next 112, 2 for the rest."
+        },
+    )
+    group_size: int = field(
+        default=128,
+        metadata={
+            "help": "Entries per quantization group along each singular vector; every group has its own fp16 "
+            "scale and integer zero point."
+        },
+    )
+    embed_density: float = field(
+        default=0.05,
+        metadata={
+            "help": "Fraction of entries of an embedding / lm_head delta kept by magnitude pruning when saving, "
+            "in (0, 1]."
+        },
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the low-rank delta (training)."})
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the delta starts at zero and trains like LoRA (U = 0, V random). "
+            "False: a random non-zero delta, useful for tests."
+        },
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules besides the GRAFT layers to train and save in full, e.g. a classifier head."},
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None,
+        metadata={"help": "Only adapt the layers with these indices (as in LoRA)."},
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers'."},
+    )
+    format_version: int = field(
+        default=FORMAT_VERSION,
+        metadata={"help": "Version of the packed tensor layout of the saved pack; written by peft-graft."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.GRAFT
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self.precision_bands = _normalize_bands(self.precision_bands)
+        _check_positive_int("r", self.r)
+        if not isinstance(self.rank_pattern, dict):
+            raise GraftConfigError(f"rank_pattern must be a dict of module pattern -> rank, got {self.rank_pattern!r}")
+        for pattern, rank in self.rank_pattern.items():
+            _check_positive_int(f"rank_pattern[{pattern!r}]", rank)
+        _check_positive_int("group_size", self.group_size)
+        if isinstance(self.embed_density, bool) or not isinstance(self.embed_density, (int, float)):
+            raise GraftConfigError(f"embed_density must be a number in (0, 1], got {self.embed_density!r}")
+        if not 0.0 < self.embed_density <= 1.0:
+            raise GraftConfigError(f"embed_density must be in (0, 1], got {self.embed_density}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GraftConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        _check_positive_int("format_version", self.format_version)
+        if self.format_version > FORMAT_VERSION:
+            raise GraftConfigError(
+                f"this pack uses format version {self.format_version}, but this peft-graft reads up to "
+                f"{FORMAT_VERSION}; upgrade peft-graft to load it"
+            )
+        if self.precision_bands[-1][0] is not None:
+            covered = sum(n for n, _ in self.precision_bands)
+            largest = max([self.r, *self.rank_pattern.values()])
+            if largest > covered:
+                raise GraftConfigError(
+                    f"precision_bands cover {covered} directions but ranks go up to {largest}; "
+                    "end the bands with (None, bits) to cover the rest"
+                )
+
+    def to_dict(self) -> dict:
+        # Sets are written in sorted order so that saving the same pack twice gives the same adapter_config.json.
+        return {key: sorted(value) if isinstance(value, set) else value for key, value in super().to_dict().items()}
+
+    def rank_for(self, module_name: str) -> int:
+        """The configured rank of a module: its rank_pattern entry, else r."""
+        pattern = get_pattern_key(self.rank_pattern.keys(), module_name)
+        return self.rank_pattern.get(pattern, self.r)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise GraftConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _normalize_bands(bands: object) -> list[tuple[int | None, int]]:
+    """Validate precision bands and turn JSON lists back into tuples."""
+    if not isinstance(bands, (list, tuple)) or not bands:
+        raise GraftConfigError(f"precision_bands must be a non-empty list of (n_directions, bits), got {bands!r}")
+    normalized: list[tuple[int | None, int]] = []
+    for position, band in enumerate(bands):
+        if not isinstance(band, (list, tuple)) or len(band) != 2:
+            raise GraftConfigError(f"precision_bands[{position}] must be a pair (n_directions, bits), got {band!r}")
+        n_directions, bits = band
+        if n_directions is not None:
+            _check_positive_int(f"precision_bands[{position}] n_directions", n_directions)
+        if isinstance(bits, bool) or bits not in STORAGE_BITS:
+            raise GraftConfigError(f"precision_bands[{position}] bits must be one of {STORAGE_BITS}, got {bits!r}")
+        if n_directions is None and position != len(bands) - 1:
+            raise GraftConfigError("only the last precision band may use n_directions=None ('the rest')")
+        normalized.append((n_directions, bits))
+    return normalized

@@ -1,0 +1,226 @@
+"""The SkillPack tensor layout: how one module's delta is written as named tensors, and read back.
+
+Keys are relative to the module. A low-rank module (``delta = U·diag(S)·Vᵀ``) is stored as::
+
+    graft_S                  float32 (r,)                singular values (see scaling below)
+    graft_U.b{i}_codes       uint8, bit-packed           band i of Uᵀ: n_i rows of length out_features
+    graft_U.b{i}_scales      float16 (n_i, groups)       one scale per group of `group_size` entries
+    graft_U.b{i}_zeros       uint8, bit-packed           one integer zero point per group
+    graft_U.b{i}_qmeta       int32 [n_i, length, bits, group_size]
+    graft_U.b{i}_fp16        float16 (n_i, length)       instead of the four above for a 16-bit band
+    graft_V.b{i}_...         the same for Vᵀ (rows of length in_features)
+
+Bands are consecutive slices of singular directions, most important first. Stored singular vectors have unit RMS
+(norm √length) and ``graft_S`` absorbs the scale, which keeps fp16 group scales far from underflow.
+
+A sparse module (embedding or lm_head) is stored as::
+
+    graft_indices            int32 (int64 past 2**31 entries) (nnz,): sorted flat row-major indices
+    graft_values             float16 (nnz,), or (rows, cols) with no indices when dense storage is smaller
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .compress import (
+    GroupQuantized,
+    band_slices,
+    canonical_factors,
+    dequantize_groupwise,
+    magnitude_prune,
+    pack_codes,
+    quantize_groupwise,
+    scatter_dense,
+    top_magnitude_positions,
+    unpack_codes,
+)
+from .compress.quantize import num_groups
+from .errors import PackFormatError
+
+FORMAT_VERSION = 1
+STORAGE_BITS = (2, 3, 4, 8, 16)
+LOWRANK_FACTORS = ("graft_U", "graft_V")
+_BAND_KEY = re.compile(r"^(graft_U|graft_V)\.b(\d+)_(codes|scales|zeros|qmeta|fp16)$")
+
+
+@dataclass(frozen=True)
+class PackingPolicy:
+    """The parts of a GraftConfig that decide the stored bytes."""
+
+    precision_bands: tuple[tuple[int | None, int], ...]
+    group_size: int
+    embed_density: float
+
+    @classmethod
+    def from_config(cls, config) -> PackingPolicy:
+        return cls(tuple(tuple(band) for band in config.precision_bands), config.group_size, config.embed_density)
+
+
+def encode_lowrank(
+    u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, bands: Sequence[tuple[int | None, int]], group_size: int
+) -> dict[str, torch.Tensor]:
+    """Encode factors ``u`` (out, r), ``s`` (r,), ``v`` (in, r) with round-to-nearest per band."""
+    u, s, v = canonical_factors(u.detach().float(), s.detach().float(), v.detach().float())
+    out_features, in_features = u.shape[0], v.shape[0]
+    u = u * math.sqrt(out_features)
+    v = v * math.sqrt(in_features)
+    tensors = {"graft_S": (s / math.sqrt(out_features * in_features)).float().contiguous()}
+    for index, band in enumerate(band_slices(s.shape[0], bands)):
+        for factor, matrix in (("graft_U", u), ("graft_V", v)):
+            rows = matrix[:, band.start : band.stop].T
+            tensors.update(encode_rows(f"{factor}.b{index}", rows, band.bits, group_size))
+    return tensors
+
+
+def encode_rows(prefix: str, rows: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """Store a (n, length) block of singular vectors at `bits` bits."""
+    if bits == 16:
+        return {f"{prefix}_fp16": rows.to(torch.float16).contiguous()}
+    return encode_quantized_rows(prefix, quantize_groupwise(rows, bits, group_size))
+
+
+def encode_quantized_rows(prefix: str, quantized: GroupQuantized) -> dict[str, torch.Tensor]:
+    rows, length = quantized.shape
+    return {
+        f"{prefix}_codes": pack_codes(quantized.codes, quantized.bits),
+        f"{prefix}_scales": quantized.scales.contiguous(),
+        f"{prefix}_zeros": pack_codes(quantized.zeros, quantized.bits),
+        f"{prefix}_qmeta": torch.tensor([rows, length, quantized.bits, quantized.group_size], dtype=torch.int32),
+    }
+
+
+def decode_lowrank(
+    tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode :func:`encode_lowrank` output into ``(u, s, v)`` in `dtype`."""
+    if "graft_S" not in tensors:
+        raise PackFormatError("missing graft_S (the singular values of a low-rank delta)")
+    s = tensors["graft_S"]
+    if s.dim() != 1 or not s.dtype.is_floating_point or not bool(torch.isfinite(s).all()):
+        raise PackFormatError(f"graft_S must be a finite 1-D float tensor, got {s.dtype} {tuple(s.shape)}")
+    bands: dict[str, dict[int, dict[str, torch.Tensor]]] = {factor: {} for factor in LOWRANK_FACTORS}
+    for key, tensor in tensors.items():
+        if key == "graft_S":
+            continue
+        match = _BAND_KEY.match(key)
+        if match is None:
+            raise PackFormatError(f"unexpected tensor {key!r} in a low-rank delta")
+        factor, index, kind = match.group(1), int(match.group(2)), match.group(3)
+        bands[factor].setdefault(index, {})[kind] = tensor
+    factors = []
+    for factor in LOWRANK_FACTORS:
+        if sorted(bands[factor]) != list(range(len(bands[factor]))) or not bands[factor]:
+            raise PackFormatError(f"{factor} bands must be numbered 0..k-1, found {sorted(bands[factor])}")
+        blocks = [decode_rows(f"{factor}.b{i}", bands[factor][i]) for i in range(len(bands[factor]))]
+        factors.append(torch.cat(blocks, dim=0).T)
+    u, v = factors
+    if not (u.shape[1] == v.shape[1] == s.shape[0]):
+        raise PackFormatError(
+            f"inconsistent ranks: graft_U has {u.shape[1]} directions, graft_V {v.shape[1]}, graft_S {s.shape[0]}"
+        )
+    return u.to(dtype), s.to(dtype), v.to(dtype)
+
+
+def decode_rows(prefix: str, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Decode one band block written by :func:`encode_rows` as a float32 (n, length) matrix."""
+    if set(parts) == {"fp16"}:
+        rows = parts["fp16"]
+        if rows.dtype != torch.float16 or rows.dim() != 2:
+            raise PackFormatError(f"{prefix}_fp16 must be a 2-D float16 tensor, got {rows.dtype} {tuple(rows.shape)}")
+        rows = rows.float()
+    elif set(parts) == {"codes", "scales", "zeros", "qmeta"}:
+        rows = dequantize_groupwise(_read_quantized(prefix, parts))
+    else:
+        raise PackFormatError(f"{prefix} has parts {sorted(parts)}; expected fp16, or codes/scales/zeros/qmeta")
+    if not bool(torch.isfinite(rows).all()):
+        raise PackFormatError(f"{prefix} decodes to NaN or Inf")
+    return rows
+
+
+def _read_quantized(prefix: str, parts: Mapping[str, torch.Tensor]) -> GroupQuantized:
+    meta = parts["qmeta"]
+    if meta.dtype != torch.int32 or meta.shape != (4,):
+        raise PackFormatError(f"{prefix}_qmeta must be int32 [rows, length, bits, group_size]")
+    rows, length, bits, group_size = (int(x) for x in meta)
+    if rows < 1 or length < 1 or group_size < 1 or bits not in STORAGE_BITS or bits == 16:
+        raise PackFormatError(f"{prefix}_qmeta holds invalid values {meta.tolist()}")
+    groups = num_groups(length, group_size)
+    scales = parts["scales"]
+    if scales.dtype != torch.float16 or tuple(scales.shape) != (rows, groups):
+        raise PackFormatError(
+            f"{prefix}_scales should be float16 {(rows, groups)}, got {scales.dtype} {tuple(scales.shape)}"
+        )
+    if not bool(torch.isfinite(scales).all()):
+        raise PackFormatError(f"{prefix}_scales holds NaN or Inf")
+    try:
+        codes = unpack_codes(parts["codes"], bits, rows * length).view(rows, length)
+        zeros = unpack_codes(parts["zeros"], bits, rows * groups).view(rows, groups)
+    except ValueError as error:
+        raise PackFormatError(f"{prefix}: {error}") from error
+    return GroupQuantized(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
+
+
+def encode_sparse(
+    values: torch.Tensor, indices: torch.Tensor | None, shape: tuple[int, int], density: float
+) -> dict[str, torch.Tensor]:
+    """Encode a sparse delta given as dense (rows, cols) `values` or as flat `indices` + `values`.
+
+    Keeps at most ``ceil(density · rows · cols)`` entries by magnitude, then picks the smaller of sparse
+    (index + fp16 value) and dense fp16 storage.
+    """
+    numel = shape[0] * shape[1]
+    keep = math.ceil(density * numel)
+    values = values.detach()
+    if indices is None:
+        indices, values = magnitude_prune(values.reshape(shape), density)
+    else:
+        kept = top_magnitude_positions(values, keep)
+        indices, values = indices[kept], values[kept]
+    index_dtype = torch.int32 if numel < 2**31 else torch.int64
+    index_bytes = torch.empty((), dtype=index_dtype).element_size()
+    if indices.numel() * (index_bytes + 2) >= numel * 2:
+        return {"graft_values": scatter_dense(indices, values, shape).to(torch.float16).contiguous()}
+    return {
+        "graft_indices": indices.to(index_dtype).contiguous(),
+        "graft_values": values.to(torch.float16).contiguous(),
+    }
+
+
+def decode_sparse(
+    tensors: Mapping[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode :func:`encode_sparse` output into ``(values, indices)``; indices is None for dense storage."""
+    unexpected = set(tensors) - {"graft_values", "graft_indices"}
+    if unexpected or "graft_values" not in tensors:
+        raise PackFormatError(f"a sparse delta holds graft_values (+ graft_indices); got {sorted(tensors)}")
+    values = tensors["graft_values"]
+    if not values.dtype.is_floating_point or not bool(torch.isfinite(values).all()):
+        raise PackFormatError("graft_values must be finite floats")
+    if "graft_indices" not in tensors:
+        if tuple(values.shape) != tuple(shape):
+            raise PackFormatError(f"dense graft_values has shape {tuple(values.shape)}, expected {tuple(shape)}")
+        return values.to(dtype), None
+    indices = tensors["graft_indices"]
+    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1 or values.shape != indices.shape:
+        raise PackFormatError(
+            f"graft_indices must be 1-D int32/int64 matching graft_values; got {indices.dtype} "
+            f"{tuple(indices.shape)} and {tuple(values.shape)}"
+        )
+    indices = indices.long()
+    numel = shape[0] * shape[1]
+    if indices.numel() and (
+        int(indices[0]) < 0 or int(indices[-1]) >= numel or not bool((indices[1:] > indices[:-1]).all())
+    ):
+        raise PackFormatError(f"graft_indices must be strictly increasing and lie in [0, {numel})")
+    return values.to(dtype), indices
+
+
+def tensors_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of tensor data (what a safetensors file stores besides its header)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
