@@ -20,7 +20,7 @@ from peft_graft.compress import (
     unpack_codes,
 )
 from peft_graft.errors import PackFormatError
-from peft_graft.pack_format import decode_lowrank, decode_sparse, encode_lowrank, encode_sparse, tensors_nbytes
+from peft_graft.pack_format import decode_lowrank, decode_values, encode_lowrank, encode_sparse, tensors_nbytes
 
 settings.register_profile("peft-graft", max_examples=60, deadline=None)
 settings.load_profile("peft-graft")
@@ -182,7 +182,7 @@ def test_more_bits_reconstruct_the_delta_better():
 def test_sparse_encoding_round_trips_and_picks_the_smaller_storage(density):
     dense = _tensor(0, 40, 30)
     tensors = encode_sparse(dense, None, (40, 30), density)
-    values, indices = decode_sparse(tensors, (40, 30))
+    values, indices, _ = decode_values(tensors, (40, 30))
     if density > 1 / 3:  # int32 index + fp16 value beats 2-byte dense only below 1/3
         assert indices is None and "graft_indices" not in tensors
         kept_positions = magnitude_prune(dense, density)[0]
@@ -213,6 +213,6 @@ def test_decoding_rejects_corrupt_tensors_with_pack_format_errors():
     sparse = encode_sparse(_tensor(3, 10, 10), None, (10, 10), 0.1)
     shuffled = dict(sparse, graft_indices=sparse["graft_indices"].flip(0))
     with pytest.raises(PackFormatError, match="strictly increasing"):
-        decode_sparse(shuffled, (10, 10))
+        decode_values(shuffled, (10, 10))
     with pytest.raises(PackFormatError, match=r"lie in \[0, 50\)"):
-        decode_sparse(sparse, (5, 10))
+        decode_values(sparse, (5, 10))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from peft import get_peft_model
 
-from peft_graft import GraftConfig, GraftEmbedding, GraftLinear, GraftSparseLinear
+from peft_graft import GraftConfig, GraftEmbedding, GraftLinear, GraftNorm
 
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2, token_batch
 
@@ -57,7 +57,7 @@ def test_embedding_and_lm_head_get_sparse_deltas_that_match_dense_references():
     )
     embedding = model.base_model.model.model.embed_tokens
     lm_head = model.base_model.model.lm_head
-    assert isinstance(embedding, GraftEmbedding) and isinstance(lm_head, GraftSparseLinear)
+    assert isinstance(embedding, GraftEmbedding) and isinstance(lm_head, GraftLinear) and lm_head.prune_on_save
     assert embedding.graft_values["default"].numel() == math.ceil(0.1 * VOCAB * 64)
     ids = torch.tensor([[0, 5, 5, VOCAB - 1], [3, 3, 3, 3]])  # repeated ids and both vocab ends
     assert torch.allclose(embedding(ids), _dense_reference(embedding, ids), atol=1e-6)
@@ -138,17 +138,61 @@ def test_merge_and_unload_returns_a_plain_model_with_the_delta_baked_in():
         assert torch.allclose(merged(ids).logits, expected, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("builder", "targets"),
-    [(tiny_qwen2, ["embed_tokens", "lm_head"]), (tiny_gpt2, ["wte"])],
-    ids=["both-tied-modules", "one-tied-module"],
-)
-def test_merging_into_tied_weights_is_refused(builder, targets):
-    model = get_peft_model(builder(), GraftConfig(target_modules=targets, init_weights=False))
+@pytest.mark.parametrize(("builder", "targets"), [(tiny_qwen2, ["embed_tokens"]), (tiny_gpt2, ["lm_head"])])
+def test_tied_embeddings_share_one_delta_that_merges_once(builder, targets):
+    model = get_peft_model(builder(), GraftConfig(target_modules=targets, init_weights=False)).eval()
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embedding, GraftEmbedding) and isinstance(head, GraftLinear)
+    assert "default" in head.graft_tied and "default" not in head.graft_values
+    shared = embedding.get_base_layer().weight
+    assert head.get_base_layer().weight is shared
+    x = torch.randn(2, 3, shared.shape[1])
+    with torch.no_grad():
+        expected_head = F.linear(x, shared + embedding.get_delta_weight("default"))
+        assert torch.allclose(head(x), expected_head, atol=1e-5)
+        ids = token_batch()
+        unmerged = model(ids).logits
+        before = shared.detach().clone()
+        model.merge_adapter()
+        assert torch.allclose(model(ids).logits, unmerged, atol=1e-4)
+        model.unmerge_adapter()
+        assert torch.equal(shared, before)
+
+
+def test_merging_into_a_weight_shared_with_an_unadapted_module_is_refused():
+    class SharedWeights(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+            self.second.weight = self.first.weight
+
+        def forward(self, x):
+            return self.second(self.first(x))
+
+    model = get_peft_model(SharedWeights(), GraftConfig(target_modules=["first"], init_weights=False))
     with pytest.raises(ValueError, match="tied weights"):
         model.merge_adapter()
     with pytest.raises(ValueError, match="tied weights"):
         model.merge_and_unload()
+
+
+def test_norm_deltas_run_the_norm_with_shifted_parameters():
+    model = get_peft_model(tiny_gpt2(), GraftConfig(target_modules=["ln_1", "ln_f", "c_fc"], init_weights=False)).eval()
+    norms = _layers(model, GraftNorm)
+    assert len(norms) == 3
+    x = torch.randn(2, 4, 64)
+    for _, layer in norms:
+        base = layer.get_base_layer()
+        assert "default" in layer.graft_bias  # LayerNorm has a bias, so its delta does too
+        expected = F.layer_norm(
+            x, (64,), base.weight + layer.graft_values["default"], base.bias + layer.graft_bias["default"], base.eps
+        )
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+    ids = token_batch()
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        model.merge_adapter()
+        assert torch.allclose(model(ids).logits, unmerged, atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:.*embedding layers found in")
@@ -160,8 +204,8 @@ def test_bf16_base_keeps_float32_factors_and_bf16_outputs():
 
 
 def test_unsupported_modules_are_a_clear_error():
-    with pytest.raises(ValueError, match=r"GRAFT cannot adapt .*LlamaRMSNorm.*exclude_modules"):
-        get_peft_model(tiny_llama(), GraftConfig(target_modules=["input_layernorm"]))
+    with pytest.raises(ValueError, match=r"GRAFT cannot adapt .*LlamaAttention.*exclude_modules"):
+        get_peft_model(tiny_llama(), GraftConfig(target_modules=["self_attn"]))
 
 
 def test_safe_merge_refuses_a_broken_delta_and_leaves_the_base_untouched():

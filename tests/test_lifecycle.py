@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_graft import GraftConfig, GraftLayer, PackFormatError
 
-from tiny_models import BUILDERS, EMBED_TARGETS, LINEAR_TARGETS, tiny_llama, token_batch
+from tiny_models import BUILDERS, EMBED_TARGETS, LINEAR_TARGETS, tiny_gpt2, tiny_llama, tiny_qwen2, token_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*embedding layers found in:UserWarning")
 
@@ -196,14 +196,33 @@ def test_decoding_targets_the_adapter_dtype_once(tmp_path):
     assert _logits(native, token_batch()).dtype == torch.bfloat16
 
 
-def test_a_config_that_disagrees_with_the_weights_is_a_clear_error(tmp_path):
-    pack_dir, _ = _pack(tiny_llama(), tmp_path / "pack", ["q_proj"], r=8)
+def test_the_pack_file_decides_each_modules_form_and_rank(tmp_path):
+    pack_dir, in_memory = _pack(tiny_llama(), tmp_path / "pack", ["q_proj"], r=8)
     config_path = pack_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["r"] = 4
+    config["r"] = 4  # the weights say 8: the file wins
     config_path.write_text(json.dumps(config))
-    with pytest.raises(PackFormatError, match=r"rank-8 delta .* expects rank 4 .*rank_pattern"):
-        PeftModel.from_pretrained(tiny_llama(), pack_dir)
+    model = PeftModel.from_pretrained(tiny_llama(), pack_dir)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.rank("default") == 8
+    assert torch.allclose(_logits(model, token_batch()), in_memory, atol=1e-2)
+
+
+def test_tied_embedding_deltas_are_stored_once_and_reload_tied(tmp_path):
+    pack_dir, in_memory = _pack(tiny_qwen2(), tmp_path / "pack", ["q_proj", "embed_tokens", "lm_head"])
+    names = load_file(pack_dir / ADAPTER_FILE).keys()
+    assert any(".embed_tokens.graft_" in n for n in names) and not any("lm_head" in n for n in names)
+    assert json.loads((pack_dir / "adapter_config.json").read_text())["target_modules_to_tie"] == ["lm_head"]
+    model = PeftModel.from_pretrained(tiny_qwen2(), pack_dir)
+    assert "default" in model.get_output_embeddings().graft_tied
+    assert float((_logits(model, token_batch()) - in_memory).abs().max()) < 0.05
+
+
+def test_norm_and_bias_deltas_round_trip(tmp_path):
+    pack_dir, in_memory = _pack(tiny_gpt2(), tmp_path / "pack", ["ln_1", "ln_2", "ln_f"], precision_bands=[(None, 8)])
+    names = load_file(pack_dir / ADAPTER_FILE).keys()
+    assert any(n.endswith("ln_f.graft_values") for n in names) and any(n.endswith("ln_f.graft_bias") for n in names)
+    model = PeftModel.from_pretrained(tiny_gpt2(), pack_dir)
+    assert torch.allclose(_logits(model, token_batch()), in_memory, atol=1e-3)
 
 
 def test_a_pack_for_a_different_shape_is_a_clear_error(tmp_path):

@@ -7,8 +7,8 @@ calls: ``get_peft_model``, ``save_pretrained``, ``PeftModel.from_pretrained``, `
 from ._registration import register_graft_method
 from .config import DEFAULT_PRECISION_BANDS, GraftConfig
 from .errors import GraftConfigError, GraftError, PackFormatError
-from .layer import BASE_ADAPTER, GraftEmbedding, GraftLayer, GraftLinear, GraftSparseLinear
-from .model import GraftModel
+from .layer import BASE_ADAPTER, GraftEmbedding, GraftLayer, GraftLinear, GraftNorm
+from .model import GraftModel, grow_vocabulary
 
 register_graft_method()
 
@@ -24,7 +24,8 @@ __all__ = [
     "GraftLayer",
     "GraftLinear",
     "GraftModel",
-    "GraftSparseLinear",
+    "GraftNorm",
     "PackFormatError",
     "__version__",
+    "grow_vocabulary",
 ]

@@ -11,6 +11,7 @@ from peft.utils.other import get_pattern_key
 from .errors import GraftConfigError
 from .pack_format import FORMAT_VERSION, STORAGE_BITS
 
+MODULE_ROLES = ("embed", "attn", "mlp", "dense", "skip")
 DEFAULT_PRECISION_BANDS: tuple[tuple[int | None, int], ...] = ((16, 8), (112, 4), (None, 2))
 
 
@@ -67,6 +68,24 @@ class GraftConfig(PeftConfig):
             "in (0, 1]."
         },
     )
+    mlp_energy: float = field(
+        default=0.9,
+        metadata={
+            "help": "Extraction: an MLP projection keeps the smallest rank whose singular values hold this fraction "
+            "of its delta's energy (sum of squared singular values), in (0, 1]."
+        },
+    )
+    module_roles: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Extraction: role overrides keyed by module-name suffix or regex. Roles: 'embed' (magnitude "
+            "pruning), 'attn' (rank r), 'mlp' (energy rank), 'dense' (fp16 delta), 'skip' (left out)."
+        },
+    )
+    density_pattern: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "Per-module embed_density overrides, keyed by module-name suffix or regex."},
+    )
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the low-rank delta (training)."})
     init_weights: bool = field(
         default=True,
@@ -87,6 +106,20 @@ class GraftConfig(PeftConfig):
         default=None,
         metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers'."},
     )
+    target_modules_to_tie: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules whose weight is tied to the input embedding (e.g. lm_head). Filled in by peft-graft: "
+            "they share the embedding's delta, stored once."
+        },
+    )
+    vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Vocabulary size of a fine-tune that added tokens. Attaching grows the base's embeddings to it "
+            "first (new rows start at zero; the pack stores them)."
+        },
+    )
     format_version: int = field(
         default=FORMAT_VERSION,
         metadata={"help": "Version of the packed tensor layout of the saved pack; written by peft-graft."},
@@ -106,10 +139,15 @@ class GraftConfig(PeftConfig):
         for pattern, rank in self.rank_pattern.items():
             _check_positive_int(f"rank_pattern[{pattern!r}]", rank)
         _check_positive_int("group_size", self.group_size)
-        if isinstance(self.embed_density, bool) or not isinstance(self.embed_density, (int, float)):
-            raise GraftConfigError(f"embed_density must be a number in (0, 1], got {self.embed_density!r}")
-        if not 0.0 < self.embed_density <= 1.0:
-            raise GraftConfigError(f"embed_density must be in (0, 1], got {self.embed_density}")
+        _check_fraction("embed_density", self.embed_density)
+        _check_fraction("mlp_energy", self.mlp_energy)
+        for pattern, density in self.density_pattern.items():
+            _check_fraction(f"density_pattern[{pattern!r}]", density)
+        for pattern, role in self.module_roles.items():
+            if role not in MODULE_ROLES:
+                raise GraftConfigError(f"module_roles[{pattern!r}] must be one of {MODULE_ROLES}, got {role!r}")
+        if self.vocab_size is not None:
+            _check_positive_int("vocab_size", self.vocab_size)
         if not 0.0 <= self.dropout < 1.0:
             raise GraftConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         _check_positive_int("format_version", self.format_version)
@@ -135,6 +173,21 @@ class GraftConfig(PeftConfig):
         """The configured rank of a module: its rank_pattern entry, else r."""
         pattern = get_pattern_key(self.rank_pattern.keys(), module_name)
         return self.rank_pattern.get(pattern, self.r)
+
+    def density_for(self, module_name: str) -> float:
+        """The kept fraction of a sparse (embedding / lm_head) delta: its density_pattern entry, else embed_density."""
+        pattern = get_pattern_key(self.density_pattern.keys(), module_name)
+        return self.density_pattern.get(pattern, self.embed_density)
+
+    def role_override(self, module_name: str) -> str | None:
+        """The module_roles entry matching a module, if any."""
+        pattern = get_pattern_key(self.module_roles.keys(), module_name)
+        return self.module_roles.get(pattern)
+
+
+def _check_fraction(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise GraftConfigError(f"{name} must be a number in (0, 1], got {value!r}")
 
 
 def _check_positive_int(name: str, value: object) -> None:

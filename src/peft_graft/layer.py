@@ -1,12 +1,17 @@
 """GRAFT tuner layers.
 
-* :class:`GraftLinear` wraps ``nn.Linear`` or transformers' ``Conv1D`` with a low-rank delta ``U·diag(S)·Vᵀ``;
-  the forward adds ``((x·V)·S)·Uᵀ`` and never builds the dense delta.
-* :class:`GraftEmbedding` and :class:`GraftSparseLinear` (used for ``lm_head``) carry a sparse delta: flat indices
-  plus values. A freshly initialized trainable delta is held dense and pruned to ``embed_density`` when saved.
+Every adapter of a layer holds a delta of the wrapped module's weight in one of three forms, plus an optional dense
+delta of its bias:
+
+* low-rank ``U·diag(S)·Vᵀ`` (``graft_U`` / ``graft_S`` / ``graft_V``): Linear and Conv1D; the forward adds
+  ``((x·V)·S)·Uᵀ`` and never builds the dense delta;
+* sparse (``graft_values`` at flat row-major ``graft_indices``): embeddings and the output embedding;
+* dense (``graft_values`` alone, in the weight's logical shape): norms, and Linear layers whose factorization would be
+  larger than the dense delta.
 
 Live adapter tensors are floats; the packed, quantized form exists only in files. A pack loaded from disk remembers
-its packed tensors, so saving it again unchanged writes the same bytes.
+its packed tensors, so saving it again unchanged writes the same bytes. When loading, the file decides each module's
+form, so a pack can mix them freely.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .compress import csr_row_pointers, scatter_dense
 from .errors import PackFormatError
-from .pack_format import PackingPolicy, decode_lowrank, decode_sparse, encode_lowrank, encode_sparse
+from .pack_format import PackingPolicy, decode_module, encode_module
 
 BASE_ADAPTER = "__base__"
 """Name to put in ``adapter_names`` for rows that should run on the base model alone."""
@@ -45,8 +50,8 @@ class PackedDelta:
 class GraftLayer(BaseTunerLayer):
     """State shared by all GRAFT layers: per-adapter containers in PEFT's layout."""
 
-    adapter_layer_names = ("graft_U", "graft_S", "graft_V", "graft_values")
-    other_param_names = ("graft_indices", "graft_dropout", "graft_packed")
+    adapter_layer_names = ("graft_U", "graft_S", "graft_V", "graft_values", "graft_bias")
+    other_param_names = ("graft_indices", "graft_dropout", "graft_packed", "graft_dense_rows_from", "graft_tied")
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
@@ -54,22 +59,61 @@ class GraftLayer(BaseTunerLayer):
         self.graft_S = nn.ParameterDict({})
         self.graft_V = nn.ParameterDict({})
         self.graft_values = nn.ParameterDict({})
+        self.graft_bias = nn.ParameterDict({})
         self.graft_indices = BufferDict({}, persistent=True)
         self.graft_dropout = nn.ModuleDict({})
         self.graft_packed: dict[str, PackedDelta] = {}
-        self._merge_restore: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # sparse adapters of grown vocabularies: rows from here on are stored as a dense block
+        self.graft_dense_rows_from: dict[str, int] = {}
+        # adapters whose weight delta is the delta of another (tied) layer, e.g. lm_head tied to embed_tokens
+        self.graft_tied: dict[str, None] = {}
+        self._merge_restore: dict[str, list[tuple[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._csr_cache: dict[str, tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
 
 
 class _GraftModule(nn.Module, GraftLayer):
-    """Forward, mixed-batch and merge logic common to every GRAFT layer.
+    """Forward, mixed-batch, merge and packing logic common to every GRAFT layer.
 
-    Subclasses define which adapters they hold (`_owns`), the delta's contribution to the output (`_delta_output`),
-    the delta in the base weight's layout (`_weight_delta`), and how an adapter is packed and unpacked.
+    Subclasses set `delta_shape` (the weight's logical shape) and define the delta's contribution to the output
+    (`_delta_output`).
     """
+
+    delta_shape: tuple[int, ...]
+    # Sparse-role layers (embeddings, lm_head) are magnitude-pruned to embed_density when a trained delta is saved.
+    prune_on_save = False
+    # Layout of the base weight relative to `delta_shape`: Conv1D stores (in, out).
+    transposed_weight = False
+
+    def _init_layer(self, base_layer: nn.Module, adapter_name: str) -> None:
+        GraftLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+
+    # ----- which adapters and which form -------------------------------------------------------------------
+
+    def _source(self) -> _GraftModule:
+        """The layer that holds the weight deltas of tied adapters (itself unless tied)."""
+        return self.__dict__.get("_tied_source", self)
+
+    def _owns(self, adapter: str) -> bool:
+        if adapter in self.graft_tied:
+            return self._source()._owns(adapter)
+        return any(adapter in getattr(self, name) for name in self.adapter_layer_names)
+
+    def _weight_parts(self, adapter: str) -> dict[str, torch.Tensor]:
+        """The weight-delta tensors of an adapter (the tied source's, if tied)."""
+        layer = self._source() if adapter in self.graft_tied else self
+        names = ("graft_U", "graft_S", "graft_V", "graft_values", "graft_indices")
+        return {name: getattr(layer, name)[adapter] for name in names if adapter in getattr(layer, name)}
+
+    def _indices(self, adapter: str) -> torch.Tensor | None:
+        return self._weight_parts(adapter).get("graft_indices")
+
+    def _adapter_dtype(self, adapter: str) -> torch.dtype:
+        return next(getattr(self, n)[adapter].dtype for n in self.adapter_layer_names if adapter in getattr(self, n))
+
+    # ----- forward ---------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -81,12 +125,15 @@ class _GraftModule(nn.Module, GraftLayer):
             if self.merged:
                 raise ValueError("Cannot pass `adapter_names` while adapters are merged; call unmerge_adapter() first.")
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
-        for adapter in self.active_adapters:
-            if self._owns(adapter):
-                result = result + self._delta_output(adapter, x).to(result.dtype)
+            return self.base_layer(x, *args, **kwargs)
+        return self._forward_with(x, [a for a in self.active_adapters if self._owns(a)], *args, **kwargs)
+
+    def _forward_with(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base output plus the given adapters' deltas."""
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in adapters:
+            result = result + self._delta_output(adapter, x).to(result.dtype)
         return result
 
     def _mixed_batch_forward(
@@ -105,59 +152,159 @@ class _GraftModule(nn.Module, GraftLayer):
             if name == BASE_ADAPTER or not self._owns(name):
                 continue
             index = torch.tensor(rows, device=x.device)
-            delta = self._delta_output(name, x.index_select(0, index))
-            result = result.index_add(0, index, delta.to(result.dtype))
+            result = self._apply_to_rows(result, x, index, name, *args, **kwargs)
         return result
 
+    def _apply_to_rows(self, result, x, index, adapter, *args, **kwargs) -> torch.Tensor:
+        delta = self._delta_output(adapter, x.index_select(0, index))
+        return result.index_add(0, index, delta.to(result.dtype))
+
+    def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ----- merge -----------------------------------------------------------------------------------------
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the active (or given) adapters' deltas to the base weight, remembering how to undo it bit-exactly."""
+        """Add the active (or given) adapters' deltas to the base weights, remembering how to undo it bit-exactly.
+
+        A tied adapter only records the merge: its source layer adds the shared delta to the shared weight once.
+        """
         for adapter in check_adapters_to_merge(self, adapter_names):
             if not self._owns(adapter):
                 continue
-            index, delta = self._weight_delta(adapter)
-            self._merge_restore[adapter] = _merge_exactly(self._base_weight_data(), index, delta, safe_merge)
+            records = []
+            for name, index, delta in self._merge_parts(adapter):
+                target = getattr(self.get_base_layer(), name).data
+                records.append((name, _merge_exactly(_contiguous(target), index, delta, safe_merge)))
+            self._merge_restore[adapter] = records
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
-        """Undo all merges, last first; the base weight returns to its exact original bits."""
+        """Undo all merges, last first; the base weights return to their exact original bits."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            index, delta = self._weight_delta(adapter)
-            _unmerge_exactly(self._base_weight_data(), index, delta, self._merge_restore.pop(adapter))
+            records = dict(self._merge_restore.pop(adapter))
+            for name, index, delta in self._merge_parts(adapter):
+                target = getattr(self.get_base_layer(), name).data
+                _unmerge_exactly(_contiguous(target), index, delta, records[name])
 
-    def _base_weight_data(self) -> torch.Tensor:
-        weight = self.get_base_layer().weight.data
-        if not weight.is_contiguous():
-            raise ValueError("GRAFT can only merge into a contiguous base weight")
-        return weight
+    def _merge_parts(self, adapter: str) -> list[tuple[str, torch.Tensor | None, torch.Tensor]]:
+        """``(base parameter name, flat index or None, delta values)`` to add, in the base parameter's layout."""
+        parts = []
+        if adapter not in self.graft_tied:
+            indices = self._indices(adapter)
+            if indices is not None:
+                parts.append(("weight", indices, self._weight_parts(adapter)["graft_values"]))
+            else:
+                parts.append(("weight", None, self.get_delta_weight(adapter)))
+        if adapter in self.graft_bias:
+            parts.append(("bias", None, self.graft_bias[adapter]))
+        return parts
 
-    def _owns(self, adapter: str) -> bool:
-        raise NotImplementedError
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The dense delta of the weight, in the base weight's layout."""
+        parts = self._weight_parts(adapter)
+        if "graft_S" in parts:
+            delta = (parts["graft_U"] * parts["graft_S"]) @ parts["graft_V"].T
+        elif "graft_indices" in parts:
+            delta = scatter_dense(parts["graft_indices"], parts["graft_values"], self.delta_shape)
+        else:
+            delta = parts["graft_values"]
+        return delta.T if self.transposed_weight else delta
 
-    def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    # ----- install, pack and unpack ----------------------------------------------------------------------
 
-    def _weight_delta(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(flat_index, values)`` to add to the flattened base weight; index None means the whole weight."""
-        raise NotImplementedError
+    def _adapter_device_dtype(self, adapter: str, like: torch.Tensor) -> tuple[torch.device, torch.dtype, bool]:
+        """Where new tensors of an adapter go: its current tensors' device/dtype/trainability, else the given one's."""
+        for name in self.adapter_layer_names:
+            container = getattr(self, name)
+            if adapter in container:
+                current = container[adapter]
+                return current.device, current.dtype, current.requires_grad
+        return like.device, like.dtype, True
+
+    def set_delta(
+        self,
+        adapter: str,
+        *,
+        lowrank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        values: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        dense_rows_from: int | None = None,
+    ) -> None:
+        """Install an adapter's delta: `lowrank` (U, S, V), or `values` (+ flat `indices` when sparse), plus `bias`.
+
+        Keeps the device, dtype and trainability of the adapter's current tensors (meta stays meta), and replaces
+        whatever form the adapter had before.
+        """
+        first = lowrank[0] if lowrank is not None else values if values is not None else bias
+        device, dtype, requires_grad = self._adapter_device_dtype(adapter, first)
+
+        def parameter(tensor: torch.Tensor) -> nn.Parameter:
+            if device.type == "meta":
+                tensor = torch.empty(tensor.shape, dtype=dtype, device=device)
+            return nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=requires_grad)
+
+        for name in (*self.adapter_layer_names, "graft_indices"):
+            container = getattr(self, name)
+            if adapter in container:
+                del container[adapter]
+        self.graft_dense_rows_from.pop(adapter, None)
+        self.graft_packed.pop(adapter, None)
+        if lowrank is not None:
+            self.graft_U[adapter], self.graft_S[adapter], self.graft_V[adapter] = (parameter(t) for t in lowrank)
+        if values is not None:
+            self.graft_values[adapter] = parameter(values)
+        if indices is not None:
+            self.graft_indices[adapter] = indices.to(device=device, dtype=torch.int64)
+        if bias is not None:
+            self.graft_bias[adapter] = parameter(bias)
+        if dense_rows_from is not None:
+            self.graft_dense_rows_from[adapter] = dense_rows_from
+
+    def _state_tensors(self, adapter: str) -> dict[str, torch.Tensor]:
+        names = (*self.adapter_layer_names, "graft_indices")
+        return {name: getattr(self, name)[adapter] for name in names if adapter in getattr(self, name)}
 
     def pack_adapter(self, adapter: str, floats: dict[str, torch.Tensor], policy: PackingPolicy) -> dict[str, Any]:
         """Packed tensors (keys relative to this module) for the adapter's float tensors `floats`."""
         reused = self._reuse_loaded_pack(adapter, floats, policy)
         if reused is not None:
             return reused
-        return {name: tensor.cpu() for name, tensor in self._encode(floats, policy).items()}
+        packed = encode_module(
+            floats,
+            self.delta_shape,
+            policy,
+            prune=self.prune_on_save,
+            dense_rows_from=self.graft_dense_rows_from.get(adapter),
+        )
+        return {name: tensor.cpu() for name, tensor in packed.items()}
 
     def unpack_adapter(self, adapter: str, tensors: dict[str, torch.Tensor], policy: PackingPolicy) -> dict[str, Any]:
-        """Decode packed tensors, once, into float tensors in the adapter's dtype, shaped like its containers."""
-        dtype = next(
-            getattr(self, name)[adapter].dtype for name in self.adapter_layer_names if adapter in getattr(self, name)
+        """Decode packed tensors once, in the adapter's dtype, and install them as the adapter's form and shapes."""
+        decoded = decode_module(tensors, self.delta_shape, self._adapter_dtype(adapter))
+        floats = decoded.tensors
+        if "graft_S" in floats:
+            u, v = floats["graft_U"], floats["graft_V"]
+            if (u.shape[0], v.shape[0]) != (self.delta_shape[0], self.delta_shape[1]):
+                raise PackFormatError(
+                    f"the pack stores a delta of shape {(u.shape[0], v.shape[0])} but the layer's weight is "
+                    f"{tuple(self.delta_shape)}; the pack must belong to this base model"
+                )
+        if "graft_bias" in floats and self.get_base_layer().bias is None:
+            raise PackFormatError("the pack stores a bias delta but the base layer has no bias")
+        self.set_delta(
+            adapter,
+            lowrank=(floats["graft_U"], floats["graft_S"], floats["graft_V"]) if "graft_S" in floats else None,
+            values=floats.get("graft_values"),
+            indices=floats.get("graft_indices"),
+            bias=floats.get("graft_bias"),
+            dense_rows_from=decoded.dense_rows_from,
         )
-        floats = self._decode(tensors, dtype)
-        self._accept_decoded(adapter, floats)
         self.graft_packed[adapter] = PackedDelta(policy, {name: t.cpu() for name, t in tensors.items()})
         return floats
 
@@ -169,7 +316,7 @@ class _GraftModule(nn.Module, GraftLayer):
         if packed is None or packed.policy != policy:
             return None
         dtype = next(tensor.dtype for tensor in floats.values() if tensor.is_floating_point())
-        decoded = self._decode(packed.tensors, dtype)
+        decoded = decode_module(packed.tensors, self.delta_shape, dtype).tensors
         if decoded.keys() != floats.keys():
             return None
         for name, tensor in floats.items():
@@ -177,218 +324,208 @@ class _GraftModule(nn.Module, GraftLayer):
                 return None
         return dict(packed.tensors)
 
-    def _encode(self, floats: dict[str, torch.Tensor], policy: PackingPolicy) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    def grow_rows(self, rows: int) -> None:
+        """Follow the base weight growing to `rows` rows (added tokens): dense deltas get zero rows."""
+        self.delta_shape = (rows, *self.delta_shape[1:])
+        if isinstance(self, GraftEmbedding):
+            self.in_features = rows
+        else:
+            self.out_features = rows
+        for adapter in list(self.graft_values.keys()):
+            values = self.graft_values[adapter]
+            if adapter not in self.graft_indices and values.shape[0] < rows:
+                padding = values.data.new_zeros(rows - values.shape[0], *values.shape[1:])
+                self.graft_values[adapter] = nn.Parameter(
+                    torch.cat([values.data, padding]), requires_grad=values.requires_grad
+                )
+        self._csr_cache.clear()
 
-    def _decode(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def _accept_decoded(self, adapter: str, floats: dict[str, torch.Tensor]) -> None:
-        """Check decoded tensors against this layer (or resize its containers) before load_state_dict fills them."""
-        raise NotImplementedError
+    def tie_to(self, source: _GraftModule, adapter: str) -> None:
+        """Make `adapter`'s weight delta here the one held by `source` (tied weights): stored and merged once."""
+        if tuple(source.delta_shape) != tuple(self.delta_shape):
+            raise ValueError(f"cannot tie a {self.delta_shape} delta to a {source.delta_shape} one")
+        object.__setattr__(self, "_tied_source", source)  # a plain reference, not a submodule
+        for name in ("graft_U", "graft_S", "graft_V", "graft_values", "graft_indices"):
+            container = getattr(self, name)
+            if adapter in container:
+                del container[adapter]
+        self.graft_tied[adapter] = None
 
     def __repr__(self) -> str:
         return "graft." + super().__repr__()
 
 
 class GraftLinear(_GraftModule):
-    """``nn.Linear`` / ``Conv1D`` with a low-rank delta: U (out×r), S (r), V (in×r)."""
+    """``nn.Linear`` / ``Conv1D``: a low-rank delta when created for training, any form when loaded.
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, rank: int) -> None:
+    With ``sparse_role=True`` (the output embedding) a trainable delta starts dense and is pruned when saved.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, rank: int, sparse_role: bool = False) -> None:
         super().__init__()
-        GraftLayer.__init__(self, base_layer)
-        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
-        self._active_adapter = adapter_name
+        self._init_layer(base_layer, adapter_name)
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.delta_shape = (self.out_features, self.in_features)
+        self.transposed_weight = self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
+        self.prune_on_save = sparse_role
         self.update_layer(adapter_name, config, rank=rank, inference_mode=config.inference_mode)
 
     def update_layer(self, adapter_name: str, config, rank: int, inference_mode: bool = False) -> None:
-        rank = min(rank, self.in_features, self.out_features)
         self.graft_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        bound = 1.0 / math.sqrt(self.in_features)
-        v = torch.empty(self.in_features, rank).uniform_(-bound, bound)
-        if config.init_weights:
-            u = torch.zeros(self.out_features, rank)
+        if self.prune_on_save:
+            _init_sparse_role_delta(self, adapter_name, config)
         else:
-            u = torch.randn(self.out_features, rank) * (_RANDOM_DELTA_SCALE / math.sqrt(rank))
-        self.graft_U[adapter_name] = nn.Parameter(u)
-        self.graft_S[adapter_name] = nn.Parameter(torch.ones(rank))
-        self.graft_V[adapter_name] = nn.Parameter(v)
-        self.graft_packed.pop(adapter_name, None)
+            rank = min(rank, self.in_features, self.out_features)
+            bound = 1.0 / math.sqrt(self.in_features)
+            v = torch.empty(self.in_features, rank).uniform_(-bound, bound)
+            if config.init_weights:
+                u = torch.zeros(self.out_features, rank)
+            else:
+                u = torch.randn(self.out_features, rank) * (_RANDOM_DELTA_SCALE / math.sqrt(rank))
+            self.set_delta(adapter_name, lowrank=(u, torch.ones(rank), v))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def rank(self, adapter: str) -> int:
         return self.graft_S[adapter].shape[0]
 
-    def _owns(self, adapter: str) -> bool:
-        return adapter in self.graft_S
-
     def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
-        u, s, v = self.graft_U[adapter], self.graft_S[adapter], self.graft_V[adapter]
-        x = self._cast_input_dtype(x, u.dtype)
-        return ((self.graft_dropout[adapter](x) @ v) * s) @ u.T
+        has_weight_delta = adapter in self.graft_tied or adapter in self.graft_S or adapter in self.graft_values
+        out = self._weight_delta_output(adapter, x) if has_weight_delta else None
+        if adapter in self.graft_bias:
+            bias = self.graft_bias[adapter]
+            out = bias.expand(*x.shape[:-1], -1) if out is None else out + bias
+        return out
 
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """The dense delta in the base weight's layout ((out, in) for Linear, (in, out) for Conv1D)."""
-        u, s, v = self.graft_U[adapter], self.graft_S[adapter], self.graft_V[adapter]
-        delta = (u * s) @ v.T
-        return delta.T if self.fan_in_fan_out else delta
-
-    def _weight_delta(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor]:
-        return None, self.get_delta_weight(adapter)
-
-    def _encode(self, floats: dict[str, torch.Tensor], policy: PackingPolicy) -> dict[str, torch.Tensor]:
-        return encode_lowrank(
-            floats["graft_U"], floats["graft_S"], floats["graft_V"], policy.precision_bands, policy.group_size
-        )
-
-    def _accept_decoded(self, adapter: str, floats: dict[str, torch.Tensor]) -> None:
-        expected = (self.out_features, self.in_features, self.rank(adapter))
-        found = (floats["graft_U"].shape[0], floats["graft_V"].shape[0], floats["graft_S"].shape[0])
-        if found != expected:
-            raise PackFormatError(
-                f"the pack stores a rank-{found[2]} delta of shape {found[:2]}, but this layer expects rank "
-                f"{expected[2]} and shape {expected[:2]}; r / rank_pattern in adapter_config.json must match "
-                "the weights, and the pack must belong to this base model"
-            )
-
-    def _decode(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        u, s, v = decode_lowrank(tensors, dtype)
-        return {"graft_U": u, "graft_S": s, "graft_V": v}
-
-
-class _SparseGraftModule(_GraftModule):
-    """A sparse delta over a (rows, cols) matrix laid out like the base weight."""
-
-    delta_shape: tuple[int, int]
-
-    def update_layer(self, adapter_name: str, config, inference_mode: bool = False) -> None:
-        self.graft_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        rows, cols = self.delta_shape
-        if config.init_weights:
-            # Trainable from zero: which entries matter is unknown until training, so hold it dense.
-            self.set_sparse_delta(adapter_name, torch.zeros(rows, cols), None)
-        else:
-            count = max(1, math.ceil(config.embed_density * rows * cols))
-            indices = torch.randperm(rows * cols)[:count].sort().values
-            self.set_sparse_delta(adapter_name, torch.randn(count) * _RANDOM_DELTA_SCALE, indices)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
-
-    def set_sparse_delta(self, adapter: str, values: torch.Tensor, indices: torch.Tensor | None) -> None:
-        """Install a delta: dense (rows, cols) `values`, or 1-D `values` at flat row-major `indices`.
-
-        Keeps the device, dtype and trainability of the adapter's current tensors, if it has any.
-        """
-        current = self.graft_values.get(adapter)
-        device = current.device if current is not None else values.device
-        dtype = current.dtype if current is not None else values.dtype
-        requires_grad = current.requires_grad if current is not None else True
-        if device.type == "meta":
-            values = torch.empty(values.shape, dtype=dtype, device=device)
-        self.graft_values[adapter] = nn.Parameter(values.to(device=device, dtype=dtype), requires_grad=requires_grad)
-        if indices is None:
-            if adapter in self.graft_indices:
-                del self.graft_indices[adapter]
-        else:
-            self.graft_indices[adapter] = indices.to(device=device, dtype=torch.int64)
-        self.graft_packed.pop(adapter, None)
-
-    def _owns(self, adapter: str) -> bool:
-        return adapter in self.graft_values
-
-    def _indices(self, adapter: str) -> torch.Tensor | None:
-        """Flat indices of a sparse adapter, or None while it is held dense."""
-        return self.graft_indices[adapter] if adapter in self.graft_indices else None  # noqa: SIM401 (no .get)
-
-    def _csr(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """CSR row pointers and column indices of a sparse adapter, cached until its indices change."""
-        indices = self.graft_indices[adapter]
-        key = (indices.data_ptr(), indices._version, indices.device)
-        cached = self._csr_cache.get(adapter)
-        if cached is None or cached[0] != key:
-            rows, cols = self.delta_shape
-            cached = (key, csr_row_pointers(indices, rows, cols), indices % cols)
-            self._csr_cache[adapter] = cached
-        return cached[1], cached[2]
-
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        indices, values = self._indices(adapter), self.graft_values[adapter]
-        return values if indices is None else scatter_dense(indices, values, self.delta_shape)
-
-    def _weight_delta(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor]:
-        return self._indices(adapter), self.graft_values[adapter]
-
-    def _encode(self, floats: dict[str, torch.Tensor], policy: PackingPolicy) -> dict[str, torch.Tensor]:
-        return encode_sparse(
-            floats["graft_values"], floats.get("graft_indices"), self.delta_shape, policy.embed_density
-        )
-
-    def _accept_decoded(self, adapter: str, floats: dict[str, torch.Tensor]) -> None:
-        # the number of kept entries is only known from the file, so the containers take its shape
-        self.set_sparse_delta(adapter, floats["graft_values"], floats.get("graft_indices"))
-
-    def _decode(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        values, indices = decode_sparse(tensors, self.delta_shape, dtype)
-        return {"graft_values": values} if indices is None else {"graft_values": values, "graft_indices": indices}
-
-
-class GraftEmbedding(_SparseGraftModule):
-    """``nn.Embedding`` with a sparse delta over its (num_embeddings, embedding_dim) weight."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
-        super().__init__()
-        GraftLayer.__init__(self, base_layer)
-        base = self.get_base_layer()
-        self.delta_shape = (base.num_embeddings, base.embedding_dim)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
-
-    def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
-        if self._indices(adapter) is None:
-            out = F.embedding(x, self.graft_values[adapter])
-        else:
-            out = self._gather_sparse_rows(adapter, x)
-        embed_scale = self._get_embed_scale()
-        return out if embed_scale is None else out * embed_scale.to(out.dtype)
-
-    def _gather_sparse_rows(self, adapter: str, token_ids: torch.Tensor) -> torch.Tensor:
-        """Rows `token_ids` of the sparse delta, built from the CSR segments of just those rows."""
-        values = self.graft_values[adapter]
-        row_pointers, columns = self._csr(adapter)
-        flat_ids = token_ids.reshape(-1)
-        starts = row_pointers[flat_ids]
-        counts = row_pointers[flat_ids + 1] - starts
-        token = torch.repeat_interleave(torch.arange(flat_ids.numel(), device=flat_ids.device), counts)
-        segment_start = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-        entry = torch.repeat_interleave(starts, counts) + torch.arange(token.numel(), device=flat_ids.device)
-        entry = entry - segment_start
-        out = values.new_zeros(flat_ids.numel(), self.delta_shape[1]).index_put((token, columns[entry]), values[entry])
-        return out.view(*token_ids.shape, self.delta_shape[1])
-
-
-class GraftSparseLinear(_SparseGraftModule):
-    """``nn.Linear`` (the output embedding, ``lm_head``) with a sparse delta over its (out, in) weight."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
-        super().__init__()
-        GraftLayer.__init__(self, base_layer)
-        self.delta_shape = (self.out_features, self.in_features)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
-
-    def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
-        values = self.graft_values[adapter]
-        x = self.graft_dropout[adapter](self._cast_input_dtype(x, values.dtype))
-        if self._indices(adapter) is None:
+    def _weight_delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        parts = self._weight_parts(adapter)
+        x = self.graft_dropout[adapter](self._cast_input_dtype(x, next(iter(parts.values())).dtype))
+        if "graft_S" in parts:
+            return ((x @ parts["graft_V"]) * parts["graft_S"]) @ parts["graft_U"].T
+        values = parts["graft_values"]
+        if "graft_indices" not in parts:
             return F.linear(x, values)
         rows, cols = self.delta_shape
-        row_pointers, columns = self._csr(adapter)
+        row_pointers, columns = _csr(self._source() if adapter in self.graft_tied else self, adapter)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
             matrix = torch.sparse_csr_tensor(row_pointers, columns, values, size=(rows, cols), check_invariants=False)
-        flat = x.reshape(-1, cols)
-        return (matrix @ flat.T).T.reshape(*x.shape[:-1], rows)
+        return (matrix @ x.reshape(-1, cols).T).T.reshape(*x.shape[:-1], rows)
+
+
+class GraftEmbedding(_GraftModule):
+    """``nn.Embedding`` with a sparse (or, while training from zero, dense) delta of its weight."""
+
+    prune_on_save = True
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
+        super().__init__()
+        self._init_layer(base_layer, adapter_name)
+        base = self.get_base_layer()
+        self.delta_shape = (base.num_embeddings, base.embedding_dim)
+        self.in_features, self.out_features = self.delta_shape
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def update_layer(self, adapter_name: str, config, inference_mode: bool = False) -> None:
+        self.graft_dropout[adapter_name] = nn.Identity()
+        _init_sparse_role_delta(self, adapter_name, config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        parts = self._weight_parts(adapter)
+        if "graft_indices" in parts:
+            out = _gather_sparse_rows(self, adapter, x)
+        else:
+            out = F.embedding(x, parts["graft_values"])
+        embed_scale = self._get_embed_scale()
+        return out if embed_scale is None else out * embed_scale.to(out.dtype)
+
+
+class GraftNorm(_GraftModule):
+    """A norm (or any module with a 1-D ``weight``, and maybe ``bias``) with dense deltas of its parameters.
+
+    A norm is not linear in its weight's input, so the forward runs the module with ``weight + delta`` instead of
+    adding an output delta.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
+        super().__init__()
+        self._init_layer(base_layer, adapter_name)
+        weight = self.get_base_layer().weight
+        self.delta_shape = tuple(weight.shape)
+        self.in_features = self.out_features = weight.shape[-1]
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def update_layer(self, adapter_name: str, config, inference_mode: bool = False) -> None:
+        self.graft_dropout[adapter_name] = nn.Identity()
+        make = torch.zeros if config.init_weights else (lambda *shape: torch.randn(*shape) * _RANDOM_DELTA_SCALE)
+        bias = self.get_base_layer().bias if hasattr(self.get_base_layer(), "bias") else None
+        self.set_delta(adapter_name, values=make(*self.delta_shape), bias=None if bias is None else make(*bias.shape))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _forward_with(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        parameters = {}
+        for name, container in (("weight", self.graft_values), ("bias", self.graft_bias)):
+            deltas = [container[a] for a in adapters if a in container]
+            if deltas:
+                original = getattr(base, name)
+                parameters[name] = original + sum(d.to(original.dtype) for d in deltas)
+        return torch.func.functional_call(base, parameters, (x, *args), kwargs)
+
+    def _apply_to_rows(self, result, x, index, adapter, *args, **kwargs) -> torch.Tensor:
+        rows = self._forward_with(x.index_select(0, index), [adapter], *args, **kwargs)
+        return result.index_copy(0, index, rows.to(result.dtype))
+
+
+def _init_sparse_role_delta(layer: _GraftModule, adapter: str, config) -> None:
+    shape = layer.delta_shape
+    if config.init_weights:
+        # trainable from zero: which entries matter is unknown until training, so hold it dense
+        layer.set_delta(adapter, values=torch.zeros(shape))
+        return
+    numel = math.prod(shape)
+    count = max(1, math.ceil(config.embed_density * numel))
+    indices = torch.randperm(numel)[:count].sort().values
+    layer.set_delta(adapter, values=torch.randn(count) * _RANDOM_DELTA_SCALE, indices=indices)
+
+
+def _csr(layer: _GraftModule, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR row pointers and column indices of a sparse adapter, cached until its indices change."""
+    indices = layer.graft_indices[adapter]
+    key = (indices.data_ptr(), indices._version, indices.device, indices.numel(), layer.delta_shape)
+    cached = layer._csr_cache.get(adapter)
+    if cached is None or cached[0] != key:
+        rows, cols = layer.delta_shape
+        cached = (key, csr_row_pointers(indices, rows, cols), indices % cols)
+        layer._csr_cache[adapter] = cached
+    return cached[1], cached[2]
+
+
+def _gather_sparse_rows(layer: _GraftModule, adapter: str, token_ids: torch.Tensor) -> torch.Tensor:
+    """Rows `token_ids` of a sparse delta, built from the CSR segments of just those rows."""
+    values = layer.graft_values[adapter]
+    row_pointers, columns = _csr(layer, adapter)
+    flat_ids = token_ids.reshape(-1)
+    starts = row_pointers[flat_ids]
+    counts = row_pointers[flat_ids + 1] - starts
+    token = torch.repeat_interleave(torch.arange(flat_ids.numel(), device=flat_ids.device), counts)
+    segment_start = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    entry = torch.repeat_interleave(starts, counts) + torch.arange(token.numel(), device=flat_ids.device)
+    entry = entry - segment_start
+    cols = layer.delta_shape[1]
+    out = values.new_zeros(flat_ids.numel(), cols).index_put((token, columns[entry]), values[entry])
+    return out.view(*token_ids.shape, cols)
+
+
+def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_contiguous():
+        raise ValueError("GRAFT can only merge into contiguous base weights")
+    return tensor
 
 
 def _merge_exactly(

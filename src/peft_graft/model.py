@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, find_parameter_name_by_module
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import match_target_against_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import GraftConfig
 from .errors import PackFormatError
-from .layer import BASE_ADAPTER, GraftEmbedding, GraftLayer, GraftLinear, GraftSparseLinear
+from .layer import BASE_ADAPTER, GraftEmbedding, GraftLayer, GraftLinear, GraftNorm
 from .pack_format import PackingPolicy
 
 # Every per-adapter tensor a GRAFT layer holds in its state dict.
@@ -41,21 +43,28 @@ class GraftModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("current_key must not be None")
-        if isinstance(target, GraftLinear):
-            target.update_layer(
-                adapter_name,
-                graft_config,
-                rank=graft_config.rank_for(current_key),
-                inference_mode=graft_config.inference_mode,
-            )
-            return
+        tied = target_name in (graft_config.target_modules_to_tie or ())
         if isinstance(target, GraftLayer):
-            target.update_layer(adapter_name, graft_config, inference_mode=graft_config.inference_mode)
-            return
-        new_module = self._create_new_module(graft_config, adapter_name, target, current_key)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+            if isinstance(target, GraftLinear):
+                target.update_layer(
+                    adapter_name,
+                    graft_config,
+                    rank=graft_config.rank_for(current_key),
+                    inference_mode=graft_config.inference_mode,
+                )
+            else:
+                target.update_layer(adapter_name, graft_config, inference_mode=graft_config.inference_mode)
+            layer = target
+        else:
+            layer = self._create_new_module(graft_config, adapter_name, target, current_key)
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)
+            self._replace_module(parent, target_name, layer, target)
+        if tied:
+            source = self.model.get_input_embeddings()
+            if not isinstance(source, GraftLayer) or adapter_name not in source.graft_values:
+                raise ValueError(f"{current_key} is tied to the input embedding, which must be targeted as well")
+            layer.tie_to(source, adapter_name)
 
     def _create_new_module(
         self, graft_config: GraftConfig, adapter_name: str, target: nn.Module, current_key: str
@@ -63,13 +72,18 @@ class GraftModel(BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(base, nn.Embedding):
             return GraftEmbedding(target, adapter_name, graft_config)
-        if isinstance(base, nn.Linear) and self._is_output_embedding(base):
-            return GraftSparseLinear(target, adapter_name, graft_config)
         if isinstance(base, (nn.Linear, Conv1D)):
-            return GraftLinear(target, adapter_name, graft_config, rank=graft_config.rank_for(current_key))
+            sparse_role = isinstance(base, nn.Linear) and self._is_output_embedding(base)
+            return GraftLinear(
+                target, adapter_name, graft_config, rank=graft_config.rank_for(current_key), sparse_role=sparse_role
+            )
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1 and not list(base.children()):
+            return GraftNorm(target, adapter_name, graft_config)
         raise ValueError(
-            f"GRAFT cannot adapt {current_key} ({type(base).__name__}): it supports torch.nn.Linear, "
-            "transformers Conv1D and torch.nn.Embedding. Remove it from target_modules or add it to exclude_modules."
+            f"GRAFT cannot adapt {current_key} ({type(base).__name__}): it supports torch.nn.Linear, transformers "
+            "Conv1D, torch.nn.Embedding and norms with a 1-D weight. Remove it from target_modules or add it to "
+            "exclude_modules."
         )
 
     def _is_output_embedding(self, module: nn.Module) -> bool:
@@ -84,17 +98,64 @@ class GraftModel(BaseTuner):
             output_embeddings = output_embeddings.get_base_layer()
         return output_embeddings is module
 
+    def _check_tied_modules(self, model: nn.Module, peft_config: GraftConfig) -> None:
+        # A fine-tune of a model with tied embeddings has one delta for the shared weight, so when the input or
+        # output embedding is targeted, GRAFT always ties them (PEFT's `ensure_weight_tying`, always on).
+        tied_names = self._get_module_names_tied_with_embedding()
+        targets = peft_config.target_modules
+        if not tied_names or not targets:
+            return
+        embedding = find_parameter_name_by_module(model, model.get_input_embeddings()).removesuffix(".base_layer")
+        candidates = [embedding, *tied_names]
+        if isinstance(targets, str):
+            targeted = any(match_target_against_key(targets, name) for name in candidates)
+        else:
+            targeted = any(
+                name in targets or any(name.endswith(f".{t}") or name == t for t in targets) for name in candidates
+            )
+        if targeted:
+            self._add_targets_to_tie(peft_config, tied_names)
+
+    def _add_targets_to_tie(self, peft_config: GraftConfig, tied_weight_keys: list[str]) -> None:
+        embedding = find_parameter_name_by_module(self.model, self.model.get_input_embeddings()).removesuffix(
+            ".base_layer"
+        )
+        peft_config.target_modules_to_tie = sorted(set(tied_weight_keys))
+        targets = peft_config.target_modules
+        if isinstance(targets, str):
+            peft_config.target_modules = rf"(?:{targets})|(?:{re.escape(embedding)})"
+        else:
+            kept = {t for t in targets if not any(t == k or k.endswith(f".{t}") for k in tied_weight_keys)}
+            peft_config.target_modules = kept | {embedding}
+
+    def _prepare_model(self, peft_config: GraftConfig, model: nn.Module) -> None:
+        # A pack made from a fine-tune that added tokens needs the base's vocabulary grown first.
+        if peft_config.vocab_size is not None:
+            grow_vocabulary(model, peft_config.vocab_size)
+
     def _check_merge_allowed(self) -> None:
         # Replaces BaseTuner's warning about tied weights with an error: merging into a weight that another module
         # shares would change that module too, so the merged model would silently differ from the unmerged one.
-        owners = {layer.get_base_layer().weight.data_ptr(): name for name, layer in _graft_layers(self.model)}
+        # The exception is a tied GRAFT pair, whose one shared delta is merged once into the one shared weight.
+        owners: dict[int, tuple[str, GraftLayer]] = {}
+        for name, layer in _graft_layers(self.model):
+            if not layer.graft_tied:
+                owners[layer.get_base_layer().weight.data_ptr()] = (name, layer)
+        followers = {
+            f"{name}.base_layer.weight": layer for name, layer in _graft_layers(self.model) if layer.graft_tied
+        }
         for name, parameter in self.model.named_parameters(remove_duplicate=False):
             owner = owners.get(parameter.data_ptr())
-            if owner is not None and not name.startswith(f"{owner}.base_layer."):
-                raise ValueError(
-                    f"{owner} shares its base weight with {name} (tied weights), so merging its delta would change "
-                    "both modules. Keep the adapter unmerged, or load the base with tie_word_embeddings=False."
-                )
+            if owner is None or name.startswith(f"{owner[0]}.base_layer."):
+                continue
+            follower = followers.get(name)
+            if follower is not None and follower._source() is owner[1]:
+                continue
+            raise ValueError(
+                f"{owner[0]} shares its base weight with {name} (tied weights), so merging its delta would change "
+                "both modules. Keep the adapter unmerged, target both tied modules, or load the base with "
+                "tie_word_embeddings=False."
+            )
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
@@ -109,7 +170,7 @@ class GraftModel(BaseTuner):
             raise TypeError(f"adapter_names must be a list of str (one per row), got {type(adapter_names).__name__}")
         known = set()
         for _, layer in _graft_layers(self.model):
-            known |= layer.graft_S.keys() | layer.graft_values.keys()
+            known |= layer._get_available_adapters()
         unknown = {name for name in adapter_names if name != BASE_ADAPTER} - known
         if unknown:
             raise ValueError(
@@ -205,6 +266,41 @@ class GraftModel(BaseTuner):
         return super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=decoded
         )
+
+
+def grow_vocabulary(model: nn.Module, vocab_size: int) -> None:
+    """Grow the input (and output) embeddings of `model` to `vocab_size` rows; the new rows are zero.
+
+    Works on plain and GRAFT-wrapped embeddings and keeps tied weights tied. Zero rows make a pack's stored rows for
+    added tokens exact, whatever the base would otherwise have initialised them to.
+    """
+    input_layer = model.get_input_embeddings()
+    embedding = input_layer.get_base_layer() if isinstance(input_layer, BaseTunerLayer) else input_layer
+    rows = embedding.weight.shape[0]
+    if vocab_size <= rows:
+        return
+    old_weight = embedding.weight
+    embedding.weight = _grown(old_weight, vocab_size)
+    embedding.num_embeddings = vocab_size
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_layer.get_base_layer() if isinstance(output_layer, BaseTunerLayer) else output_layer
+    if head is not None and head.weight.shape[0] == rows:
+        head.weight = embedding.weight if head.weight is old_weight else _grown(head.weight, vocab_size)
+        if getattr(head, "bias", None) is not None:
+            head.bias = _grown(head.bias, vocab_size)
+        head.out_features = vocab_size
+    for layer in (input_layer, output_layer):
+        if isinstance(layer, GraftLayer):
+            layer.grow_rows(vocab_size)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.get_text_config().vocab_size = vocab_size
+
+
+def _grown(parameter: nn.Parameter, rows: int) -> nn.Parameter:
+    data = parameter.data
+    padding = data.new_zeros(rows - data.shape[0], *data.shape[1:])
+    return nn.Parameter(torch.cat([data, padding]), requires_grad=parameter.requires_grad)
 
 
 def _graft_layers(model: nn.Module) -> Iterator[tuple[str, GraftLayer]]:

@@ -16,7 +16,13 @@ Bands are consecutive slices of singular directions, most important first. Store
 A sparse module (embedding or lm_head) is stored as::
 
     graft_indices            int32 (int64 past 2**31 entries) (nnz,): sorted flat row-major indices
-    graft_values             float16 (nnz,), or (rows, cols) with no indices when dense storage is smaller
+    graft_values             float16 (nnz,)
+    graft_rows               float16 (n, cols)   rows added by the fine-tune (grown vocabulary), stored dense
+    graft_rows_start         int64 [first added row]
+
+A dense module delta (norm weights, or a Linear whose factorization would be larger) is ``graft_values`` in the
+weight's logical shape, float16; sparse deltas also fall back to it when it is smaller. A bias delta is
+``graft_bias``, float16.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ from .compress import (
     band_slices,
     canonical_factors,
     dequantize_groupwise,
-    magnitude_prune,
     pack_codes,
     quantize_groupwise,
     scatter_dense,
@@ -167,45 +172,140 @@ def _read_quantized(prefix: str, parts: Mapping[str, torch.Tensor]) -> GroupQuan
 
 
 def encode_sparse(
-    values: torch.Tensor, indices: torch.Tensor | None, shape: tuple[int, int], density: float
+    values: torch.Tensor,
+    indices: torch.Tensor | None,
+    shape: tuple[int, ...],
+    density: float,
+    dense_rows_from: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Encode a sparse delta given as dense (rows, cols) `values` or as flat `indices` + `values`.
+    """Encode a sparse delta given as dense `values` (of `shape`) or as flat `indices` + `values`.
 
-    Keeps at most ``ceil(density · rows · cols)`` entries by magnitude, then picks the smaller of sparse
-    (index + fp16 value) and dense fp16 storage.
+    Keeps at most ``ceil(density · numel)`` entries by magnitude (rows from `dense_rows_from` on are kept whole, as a
+    dense block), then picks the smaller of sparse (index + fp16 value) and dense fp16 storage.
     """
-    numel = shape[0] * shape[1]
-    keep = math.ceil(density * numel)
+    numel = math.prod(shape)
+    cols = shape[-1]
     values = values.detach()
     if indices is None:
-        indices, values = magnitude_prune(values.reshape(shape), density)
-    else:
-        kept = top_magnitude_positions(values, keep)
-        indices, values = indices[kept], values[kept]
+        indices, values = torch.arange(numel, device=values.device), values.reshape(-1)
+    head_end = numel if dense_rows_from is None else dense_rows_from * cols
+    in_head = indices < head_end
+    kept = top_magnitude_positions(values[in_head], math.ceil(density * head_end))
+    head_indices, head_values = indices[in_head][kept], values[in_head][kept]
     index_dtype = torch.int32 if numel < 2**31 else torch.int64
     index_bytes = torch.empty((), dtype=index_dtype).element_size()
-    if indices.numel() * (index_bytes + 2) >= numel * 2:
-        return {"graft_values": scatter_dense(indices, values, shape).to(torch.float16).contiguous()}
-    return {
-        "graft_indices": indices.to(index_dtype).contiguous(),
-        "graft_values": values.to(torch.float16).contiguous(),
+    block_rows = 0 if dense_rows_from is None else shape[0] - dense_rows_from
+    if head_indices.numel() * (index_bytes + 2) + block_rows * cols * 2 >= numel * 2:
+        dense = scatter_dense(
+            torch.cat([head_indices, indices[~in_head]]), torch.cat([head_values, values[~in_head]]), shape
+        )
+        return {"graft_values": dense.to(torch.float16).contiguous()}
+    tensors = {
+        "graft_indices": head_indices.to(index_dtype).contiguous(),
+        "graft_values": head_values.to(torch.float16).contiguous(),
     }
+    if block_rows:
+        block = values.new_zeros(block_rows * cols)
+        block[indices[~in_head] - head_end] = values[~in_head]
+        tensors["graft_rows"] = block.view(block_rows, cols).to(torch.float16).contiguous()
+        tensors["graft_rows_start"] = torch.tensor([dense_rows_from], dtype=torch.int64)
+    return tensors
 
 
-def decode_sparse(
-    tensors: Mapping[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode :func:`encode_sparse` output into ``(values, indices)``; indices is None for dense storage."""
-    unexpected = set(tensors) - {"graft_values", "graft_indices"}
-    if unexpected or "graft_values" not in tensors:
-        raise PackFormatError(f"a sparse delta holds graft_values (+ graft_indices); got {sorted(tensors)}")
+@dataclass(frozen=True)
+class DecodedModule:
+    """Float tensors named like a layer's containers (``graft_indices`` stays int64), plus sparse metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    dense_rows_from: int | None = None
+
+
+def encode_module(
+    floats: Mapping[str, torch.Tensor],
+    shape: tuple[int, ...],
+    policy: PackingPolicy,
+    prune: bool,
+    dense_rows_from: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Encode one module's adapter tensors (named like the layer's containers) for the pack file.
+
+    `prune` applies the policy's ``embed_density`` to a values delta; otherwise values are stored in full.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    if "graft_S" in floats:
+        tensors.update(
+            encode_lowrank(
+                floats["graft_U"], floats["graft_S"], floats["graft_V"], policy.precision_bands, policy.group_size
+            )
+        )
+    elif "graft_values" in floats:
+        if prune or "graft_indices" in floats:
+            density = policy.embed_density if prune else 1.0
+            tensors.update(
+                encode_sparse(floats["graft_values"], floats.get("graft_indices"), shape, density, dense_rows_from)
+            )
+        else:
+            tensors["graft_values"] = floats["graft_values"].detach().to(torch.float16).contiguous()
+    if "graft_bias" in floats:
+        tensors["graft_bias"] = floats["graft_bias"].detach().to(torch.float16).contiguous()
+    return tensors
+
+
+def decode_module(
+    tensors: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> DecodedModule:
+    """Decode :func:`encode_module` output for a layer whose weight has logical `shape`."""
+    lowrank = {k: t for k, t in tensors.items() if k == "graft_S" or k.startswith(LOWRANK_FACTORS)}
+    values_keys = {"graft_values", "graft_indices", "graft_rows", "graft_rows_start"}
+    values = {k: t for k, t in tensors.items() if k in values_keys}
+    unexpected = set(tensors) - set(lowrank) - set(values) - {"graft_bias"}
+    if unexpected:
+        raise PackFormatError(f"unexpected tensors {sorted(unexpected)}")
+    if lowrank and values:
+        raise PackFormatError("a module holds both a low-rank and a values delta")
+    decoded: dict[str, torch.Tensor] = {}
+    dense_rows_from = None
+    if lowrank:
+        u, s, v = decode_lowrank(lowrank, dtype)
+        decoded.update(graft_U=u, graft_S=s, graft_V=v)
+    elif values:
+        delta_values, indices, dense_rows_from = decode_values(values, shape, dtype)
+        decoded["graft_values"] = delta_values
+        if indices is not None:
+            decoded["graft_indices"] = indices
+    if "graft_bias" in tensors:
+        bias = tensors["graft_bias"]
+        if bias.dim() != 1 or not bias.dtype.is_floating_point or not bool(torch.isfinite(bias).all()):
+            raise PackFormatError("graft_bias must be a finite 1-D float tensor")
+        decoded["graft_bias"] = bias.to(dtype)
+    if not decoded:
+        raise PackFormatError("the module holds no delta tensors")
+    return DecodedModule(decoded, dense_rows_from)
+
+
+def decode_values(
+    tensors: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """Decode a values delta into ``(values, indices, dense_rows_from)``; indices is None for a dense delta.
+
+    A dense delta with fewer rows than `shape` (the base vocabulary grew after the pack was made) is padded with
+    zero rows; flat row-major indices need no change for that.
+    """
+    if "graft_values" not in tensors:
+        raise PackFormatError(f"a values delta needs graft_values; got {sorted(tensors)}")
     values = tensors["graft_values"]
     if not values.dtype.is_floating_point or not bool(torch.isfinite(values).all()):
         raise PackFormatError("graft_values must be finite floats")
+    numel = math.prod(shape)
     if "graft_indices" not in tensors:
+        if set(tensors) != {"graft_values"}:
+            raise PackFormatError(f"a dense delta is graft_values alone; got {sorted(tensors)}")
+        grown = values.dim() == len(shape) and values.shape[1:] == tuple(shape[1:]) and values.shape[0] < shape[0]
+        if grown:
+            values = torch.cat([values, values.new_zeros(shape[0] - values.shape[0], *shape[1:])])
         if tuple(values.shape) != tuple(shape):
             raise PackFormatError(f"dense graft_values has shape {tuple(values.shape)}, expected {tuple(shape)}")
-        return values.to(dtype), None
+        return values.to(dtype), None, None
     indices = tensors["graft_indices"]
     if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1 or values.shape != indices.shape:
         raise PackFormatError(
@@ -213,12 +313,26 @@ def decode_sparse(
             f"{tuple(indices.shape)} and {tuple(values.shape)}"
         )
     indices = indices.long()
-    numel = shape[0] * shape[1]
+    dense_rows_from = None
+    if "graft_rows" in tensors:
+        block, start = tensors["graft_rows"], tensors.get("graft_rows_start")
+        cols = shape[-1]
+        if start is None or start.numel() != 1 or block.dim() != 2 or block.shape[1] != cols:
+            raise PackFormatError("graft_rows must be (rows, cols) with a one-element graft_rows_start")
+        dense_rows_from = int(start)
+        if dense_rows_from < 0 or dense_rows_from + block.shape[0] > shape[0]:
+            raise PackFormatError(
+                f"graft_rows covers rows {dense_rows_from}..{dense_rows_from + block.shape[0]} of {shape[0]}"
+            )
+        if indices.numel() and int(indices[-1]) >= dense_rows_from * cols:
+            raise PackFormatError("graft_indices reach into the rows stored in graft_rows")
+        indices = torch.cat([indices, dense_rows_from * cols + torch.arange(block.numel())])
+        values = torch.cat([values.float(), block.float().reshape(-1)])
     if indices.numel() and (
         int(indices[0]) < 0 or int(indices[-1]) >= numel or not bool((indices[1:] > indices[:-1]).all())
     ):
         raise PackFormatError(f"graft_indices must be strictly increasing and lie in [0, {numel})")
-    return values.to(dtype), indices
+    return values.to(dtype), indices, dense_rows_from
 
 
 def tensors_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:

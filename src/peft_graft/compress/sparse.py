@@ -37,8 +37,8 @@ def csr_row_pointers(indices: torch.Tensor, rows: int, cols: int) -> torch.Tenso
     return pointers
 
 
-def scatter_dense(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Dense (rows, cols) matrix holding `values` at flat `indices`, zeros elsewhere."""
-    dense = values.new_zeros(shape[0] * shape[1])
+def scatter_dense(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Dense tensor of `shape` holding `values` at flat row-major `indices`, zeros elsewhere."""
+    dense = values.new_zeros(math.prod(shape))
     dense[indices] = values
     return dense.view(shape)
