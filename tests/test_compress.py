@@ -108,7 +108,7 @@ def test_band_slices_cover_the_rank_in_order():
 def test_magnitude_prune_keeps_the_largest_entries(rows, cols, density, seed):
     dense = _tensor(seed, rows, cols)
     indices, values = magnitude_prune(dense, density)
-    keep = math.ceil(density * rows * cols)
+    keep = math.ceil(density * (rows * cols))
     assert indices.numel() == keep
     assert bool((indices[1:] > indices[:-1]).all())
     assert torch.equal(values, dense.reshape(-1)[indices])

@@ -6,7 +6,18 @@ calls: ``get_peft_model``, ``save_pretrained``, ``PeftModel.from_pretrained``, `
 
 from ._registration import register_graft_method
 from .config import DEFAULT_PRECISION_BANDS, GraftConfig
-from .errors import GraftConfigError, GraftError, PackFormatError
+from .errors import (
+    BudgetError,
+    CheckpointError,
+    CheckpointMismatchError,
+    GraftConfigError,
+    GraftError,
+    MissingTensorError,
+    NonFiniteDeltaError,
+    PackFormatError,
+    PickleCheckpointError,
+)
+from .extraction import ExtractionReport, ModuleReport, extract_skillpack
 from .layer import BASE_ADAPTER, GraftEmbedding, GraftLayer, GraftLinear, GraftNorm
 from .model import GraftModel, grow_vocabulary
 
@@ -17,6 +28,10 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "BASE_ADAPTER",
     "DEFAULT_PRECISION_BANDS",
+    "BudgetError",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ExtractionReport",
     "GraftConfig",
     "GraftConfigError",
     "GraftEmbedding",
@@ -25,7 +40,12 @@ __all__ = [
     "GraftLinear",
     "GraftModel",
     "GraftNorm",
+    "MissingTensorError",
+    "ModuleReport",
+    "NonFiniteDeltaError",
     "PackFormatError",
+    "PickleCheckpointError",
     "__version__",
+    "extract_skillpack",
     "grow_vocabulary",
 ]

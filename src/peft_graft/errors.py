@@ -13,3 +13,27 @@ class GraftConfigError(GraftError, ValueError):
 
 class PackFormatError(GraftError, ValueError):
     """The tensors of a SkillPack do not form a valid packed delta (corrupt, truncated or from a newer format)."""
+
+
+class CheckpointError(GraftError, ValueError):
+    """A checkpoint given to extraction cannot be used as it is."""
+
+
+class PickleCheckpointError(CheckpointError):
+    """The checkpoint is only available as pickle (.bin / .pt), which can run code when loaded."""
+
+
+class MissingTensorError(CheckpointError):
+    """A tensor of one checkpoint is missing from the other."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The base and the fine-tune differ in architecture or shapes in a way a SkillPack cannot express."""
+
+
+class NonFiniteDeltaError(CheckpointError):
+    """A delta holds NaN or Inf."""
+
+
+class BudgetError(GraftError, ValueError):
+    """The requested byte budget cannot be met."""

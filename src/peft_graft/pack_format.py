@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .compress import (
+    BandSlice,
     GroupQuantized,
     band_slices,
     canonical_factors,
@@ -45,6 +46,7 @@ from .compress import (
     top_magnitude_positions,
     unpack_codes,
 )
+from .compress.gptq import gptq_quantize
 from .compress.quantize import num_groups
 from .errors import PackFormatError
 
@@ -68,18 +70,61 @@ class PackingPolicy:
 
 
 def encode_lowrank(
-    u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, bands: Sequence[tuple[int | None, int]], group_size: int
+    u: torch.Tensor,
+    s: torch.Tensor,
+    v: torch.Tensor,
+    bands: Sequence[tuple[int | None, int]] | Sequence[BandSlice],
+    group_size: int,
+    *,
+    hessian: torch.Tensor | None = None,
+    act_order: bool = True,
+    damp: float = 0.01,
 ) -> dict[str, torch.Tensor]:
-    """Encode factors ``u`` (out, r), ``s`` (r,), ``v`` (in, r) with round-to-nearest per band."""
+    """Encode factors ``u`` (out, r), ``s`` (r,), ``v`` (in, r).
+
+    `bands` are config bands (``(n_directions, bits)``) or explicit :class:`BandSlice` s. Without a `hessian` the
+    singular vectors are rounded to nearest (data-free mode). With ``hessian = XᵀX`` of the module's inputs, Vᵀ is
+    quantized by GPTQ on it, then U by GPTQ on the Hessian of its inputs ``z = Σ·V̂ᵀ·x``, i.e. ``Z·H·Zᵀ``.
+    """
     u, s, v = canonical_factors(u.detach().float(), s.detach().float(), v.detach().float())
     out_features, in_features = u.shape[0], v.shape[0]
     u = u * math.sqrt(out_features)
     v = v * math.sqrt(in_features)
-    tensors = {"graft_S": (s / math.sqrt(out_features * in_features)).float().contiguous()}
-    for index, band in enumerate(band_slices(s.shape[0], bands)):
-        for factor, matrix in (("graft_U", u), ("graft_V", v)):
-            rows = matrix[:, band.start : band.stop].T
-            tensors.update(encode_rows(f"{factor}.b{index}", rows, band.bits, group_size))
+    s = s / math.sqrt(out_features * in_features)
+    slices = list(bands) if bands and isinstance(bands[0], BandSlice) else band_slices(s.shape[0], bands)
+    tensors = {"graft_S": s.float().contiguous()}
+    if hessian is None:
+        for index, band in enumerate(slices):
+            for factor, matrix in (("graft_U", u), ("graft_V", v)):
+                rows = matrix[:, band.start : band.stop].T
+                tensors.update(encode_rows(f"{factor}.b{index}", rows, band.bits, group_size))
+        return tensors
+
+    bits = [band.bits for band in slices for _ in range(band.stop - band.start)]
+    hessian = hessian.float()
+    v_result = gptq_quantize(v.T, hessian, bits, group_size, grid="row", act_order=act_order, damp=damp)
+    z = s[:, None] * v_result.dequantized  # (r, in): U's inputs are Σ·V̂ᵀ·x
+    u_result = gptq_quantize(u, z @ hessian @ z.T, bits, group_size, grid="column", act_order=act_order, damp=damp)
+    for index, band in enumerate(slices):
+        for factor, result, layout in (("graft_V", v_result, "rows"), ("graft_U", u_result, "columns")):
+            pick = slice(band.start, band.stop)
+            if band.bits == 16:
+                block = result.dequantized[pick] if layout == "rows" else result.dequantized[:, pick].T
+                tensors[f"{factor}.b{index}_fp16"] = block.to(torch.float16).contiguous()
+                continue
+            if layout == "rows":
+                quantized = GroupQuantized(
+                    result.codes[pick], result.scales[pick], result.zeros[pick], band.bits, group_size
+                )
+            else:
+                quantized = GroupQuantized(
+                    result.codes[:, pick].T.contiguous(),
+                    result.scales[:, pick].T.contiguous(),
+                    result.zeros[:, pick].T.contiguous(),
+                    band.bits,
+                    group_size,
+                )
+            tensors.update(encode_quantized_rows(f"{factor}.b{index}", quantized))
     return tensors
 
 

@@ -33,13 +33,14 @@ def num_groups(cols: int, group_size: int) -> int:
     return -(-cols // group_size)
 
 
-def fit_grid(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_grid(values: torch.Tensor, bits: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max grid over the last dim of `values`: returns (scale, zero) with the last dim reduced.
 
-    The scale is rounded *up* to fp16 (returned as float32 holding fp16 values): encoding then uses exactly the scale
-    that decoding reads back, and the grid still spans the group, so every value is within scale / 2 of the grid.
+    `bits` is an int or a tensor broadcastable to ``values.shape[:-1]``. The scale is rounded *up* to fp16 (returned
+    as float32 holding fp16 values): encoding then uses exactly the scale that decoding reads back, and the grid still
+    spans the group, so every value is within scale / 2 of the grid.
     """
-    qmax = (1 << bits) - 1
+    qmax = _qmax(bits, values.device)
     values = values.float()
     low = values.amin(dim=-1).clamp(max=0.0)
     high = values.amax(dim=-1).clamp(min=0.0)
@@ -55,14 +56,20 @@ def fit_grid(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
             "rescale the matrix before quantizing it"
         )
     scale = scale_fp16.float()
-    zero = torch.round(-low / scale).clamp(0, qmax)
+    zero = torch.minimum(torch.round(-low / scale).clamp(min=0), qmax)
     return scale, zero
 
 
-def quantize_to_grid(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of `values` on a given grid; `scale`/`zero` broadcast against `values`."""
-    qmax = (1 << bits) - 1
-    return (torch.round(values.float() / scale) + zero).clamp(0, qmax)
+def quantize_to_grid(
+    values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int | torch.Tensor
+) -> torch.Tensor:
+    """Codes of `values` on a given grid; `scale`, `zero` and `bits` broadcast against `values`."""
+    return torch.minimum((torch.round(values.float() / scale) + zero).clamp(min=0), _qmax(bits, values.device))
+
+
+def _qmax(bits: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    bits = torch.as_tensor(bits, device=device)
+    return (torch.ones_like(bits, dtype=torch.float32) * 2.0**bits) - 1.0
 
 
 def quantize_groupwise(matrix: torch.Tensor, bits: int, group_size: int) -> GroupQuantized:
