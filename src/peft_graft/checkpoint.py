@@ -1,20 +1,22 @@
 """Tensor-by-tensor reading of model checkpoints (local folders or Hub repos; safetensors, sharded or not).
 
-Nothing here loads a whole model: names, shapes and dtypes come from the safetensors headers, and each tensor is
-read only when asked for. Pickle checkpoints (``.bin`` / ``.pt``) are refused unless explicitly allowed, because
-loading them can run code.
+Nothing here loads a whole model: names, shapes and dtypes come from the safetensors headers, and each tensor (or a
+range of its rows) is read only when asked for, with plain reads rather than memory maps, so a checkpoint's pages
+never count towards the process's resident memory. Pickle checkpoints (``.bin`` / ``.pt``) are refused unless
+explicitly allowed, because loading them can run code.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .errors import CheckpointError, PickleCheckpointError
 
@@ -34,6 +36,27 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 _DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _Entry:
+    """Where one tensor's bytes are: file, offset of its first byte, dtype name and shape."""
+
+    __slots__ = ("dtype", "file", "offset", "shape")
+
+    def __init__(self, file: Path, offset: int, dtype: str, shape: tuple[int, ...]) -> None:
+        self.file, self.offset, self.dtype, self.shape = file, offset, dtype, shape
 
 
 class CheckpointReader:
@@ -54,18 +77,14 @@ class CheckpointReader:
         self.revision = revision
         self.folder = _resolve_folder(self.source, revision, token)
         self.config: dict[str, Any] = _read_json(self.folder / "config.json") or {}
-        self._location: dict[str, Path] = {}
+        self._entries: dict[str, _Entry] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         files = _weight_files(self.folder)
         if files:
             for file in files:
-                with safe_open(file, framework="pt") as handle:
-                    for name in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
-                        self._location[name] = file
+                self._entries.update(_read_header(file))
         else:
-            pickled = (
-                sorted(self.folder.glob("*.bin")) + sorted(self.folder.glob("*.pt")) + sorted(self.folder.glob("*.pth"))
-            )
+            pickled = [file for pattern in ("*.bin", "*.pt", "*.pth") for file in sorted(self.folder.glob(pattern))]
             if not pickled:
                 raise CheckpointError(f"no safetensors weights found in {self.source}")
             if not allow_pickle:
@@ -76,37 +95,51 @@ class CheckpointReader:
                 )
             self._pickled = {}
             for file in pickled:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                self._pickled.update(state)
-            self._location = dict.fromkeys(self._pickled, Path(pickled[0]))
-        self._handles: dict[Path, Any] = {}
-        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+                self._pickled.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            self._entries = {
+                name: _Entry(pickled[0], 0, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+                for name, t in self._pickled.items()
+            }
 
     def names(self) -> list[str]:
-        return list(self._location)
+        return list(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._location
+        return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._metadata(name)[0]
+        return self._entries[name].shape
 
     def dtype(self, name: str) -> str:
         """The stored dtype, as safetensors names it (``F32``, ``BF16``, ``F16``, ...)."""
-        return self._metadata(name)[1]
+        return self._entries[name].dtype
 
     def numel(self, name: str) -> int:
-        shape = self.shape(name)
-        count = 1
-        for size in shape:
-            count *= size
-        return count
+        return math.prod(self.shape(name))
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (and nothing else) from disk."""
+        return self.get_rows(name, 0, self.shape(name)[0] if self.shape(name) else 1)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (along its first dimension), read without touching the others."""
         if self._pickled is not None:
-            return self._pickled[name]
-        return self._handle(self._location[name]).get_tensor(name)
+            tensor = self._pickled[name]
+            return tensor[start:stop].clone() if tensor.dim() else tensor.clone()
+        entry = self._entries[name]
+        if entry.dtype not in _DTYPES:
+            raise CheckpointError(f"{name} has dtype {entry.dtype}, which peft-graft cannot read")
+        dtype = _DTYPES[entry.dtype]
+        row_shape = entry.shape[1:]
+        row_bytes = math.prod(row_shape) * _element_size(entry.dtype)
+        if not entry.shape:  # a scalar
+            start, stop = 0, 1
+        buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        with open(entry.file, "rb") as handle:
+            handle.seek(entry.offset + start * row_bytes)
+            if handle.readinto(buffer.numpy()) != buffer.numel():
+                raise CheckpointError(f"{entry.file} is truncated: cannot read {name}")
+        return buffer.view(dtype).reshape((stop - start, *row_shape) if entry.shape else ())
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
@@ -115,23 +148,35 @@ class CheckpointReader:
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
 
-    def close(self) -> None:
-        self._handles.clear()
 
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file]
+def _element_size(dtype: str) -> int:
+    return torch.empty((), dtype=_DTYPES[dtype]).element_size() if dtype in _DTYPES else 1
 
-    def _metadata(self, name: str) -> tuple[tuple[int, ...], str]:
-        if name not in self._meta:
-            if self._pickled is not None:
-                tensor = self._pickled[name]
-                self._meta[name] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
-            else:
-                tensor_slice = self._handle(self._location[name]).get_slice(name)
-                self._meta[name] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
-        return self._meta[name]
+
+def _read_header(file: Path) -> dict[str, _Entry]:
+    """The tensor index of a safetensors file: an 8-byte little-endian length, then that many bytes of JSON."""
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise CheckpointError(f"{file} is not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > 100_000_000:
+            raise CheckpointError(f"{file} is not a safetensors file (header length {length})")
+        header = json.loads(handle.read(length))
+    data_start = 8 + length
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        entry = _Entry(file, data_start + begin, info["dtype"], tuple(info["shape"]))
+        expected = math.prod(entry.shape) * _element_size(entry.dtype)
+        if entry.dtype in _DTYPES and end - begin != expected:
+            raise CheckpointError(f"{file}: {name} claims {end - begin} bytes but its shape needs {expected}")
+        entries[name] = entry
+    if file.stat().st_size < data_start + max((e.offset - data_start for e in entries.values()), default=0):
+        raise CheckpointError(f"{file} is truncated")
+    return entries
 
 
 def _resolve_folder(source: str, revision: str | None, token: str | bool | None) -> Path:

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointReader
-from .compress import BandSlice, band_slices, scatter_dense
+from .compress import BandSlice, band_slices, top_magnitude_positions
 from .compress.budget import (
     BudgetPlan,
     LowRankCandidate,
@@ -47,7 +47,7 @@ from .compress.gptq import output_error
 from .compress.svd import factorize, singular_values
 from .config import GraftConfig
 from .errors import BudgetError, CheckpointMismatchError, MissingTensorError, NonFiniteDeltaError
-from .pack_format import decode_lowrank, decode_values, encode_lowrank, encode_sparse, tensors_nbytes
+from .pack_format import decode_lowrank, decode_values, encode_lowrank, sparse_tensors, tensors_nbytes
 from .roles import ModuleSpec, decoder_layers, meta_model, module_specs, tied_output_embedding
 
 REPORT_FILE = "graft_report.json"
@@ -133,12 +133,32 @@ class ExtractionReport:
 
 @dataclass
 class _Compressed:
-    """One module's pack tensors (relative keys), its report, and the decoded delta for the in-memory model."""
+    """One module's pack tensors (relative keys), its report, and its decoded delta (to update an in-memory model).
+
+    The decoded delta is kept in its compact form: ``("lowrank", (u, s, v))``, ``("sparse", (flat indices, values))``
+    or ``("dense", values)``, all in the logical (out, in) layout.
+    """
 
     tensors: dict[str, torch.Tensor]
     report: ModuleReport
-    weight_delta: torch.Tensor | None  # dense, in the weight's stored layout
-    bias_delta: torch.Tensor | None
+    decoded: tuple[str, Any] | None
+    bias_delta: torch.Tensor | None = None
+
+    def apply_to(self, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> None:
+        """Add the decoded deltas to a module's parameters (in place; `weight` in its stored layout)."""
+        if self.decoded is not None:
+            kind, data = self.decoded
+            target = weight.T if transposed else weight
+            if kind == "lowrank":
+                u, s, v = data
+                target.add_(((u * s) @ v.T).to(weight.dtype))
+            elif kind == "sparse":
+                indices, values = data
+                target.reshape(-1).index_add_(0, indices, values.to(weight.dtype))
+            else:
+                target.add_(data.reshape(target.shape).to(weight.dtype))
+        if self.bias_delta is not None and bias is not None:
+            bias.add_(self.bias_delta.to(bias.dtype))
 
 
 def extract_skillpack(
@@ -314,6 +334,9 @@ def _grown_rows(specs: list[ModuleSpec], base: CheckpointReader, finetuned: Chec
 class _Compressor:
     """Compress one module's delta according to its role, the config, and an optional budget plan."""
 
+    # Embedding matrices are streamed in blocks of rows, so the largest delta is never held whole.
+    ROW_BLOCK = 4096
+
     def __init__(self, base, finetuned, config, plan, grown_rows, act_order, damp) -> None:
         self.base, self.finetuned, self.config = base, finetuned, config
         self.plan: BudgetPlan | None = plan
@@ -321,52 +344,59 @@ class _Compressor:
         self.act_order, self.damp = act_order, damp
 
     def delta(self, key: str) -> torch.Tensor:
-        base = self.base.get(key).float()
-        tuned = self.finetuned.get(key).float()
-        if tuned.shape != base.shape:  # grown embedding: new rows are relative to zero
-            base = torch.cat([base, base.new_zeros(tuned.shape[0] - base.shape[0], *base.shape[1:])])
+        return self.delta_rows(key, 0, self.finetuned.shape(key)[0] if self.finetuned.shape(key) else 1)
+
+    def delta_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a delta; rows a fine-tune added to an embedding are relative to zero."""
+        tuned = self.finetuned.get_rows(key, start, stop).float()
+        base_rows = self.base.shape(key)[0] if self.base.shape(key) else 1
+        base = self.base.get_rows(key, min(start, base_rows), min(stop, base_rows)).float()
+        if base.shape != tuned.shape:
+            base = torch.cat([base, base.new_zeros(tuned.shape[0] - base.shape[0], *tuned.shape[1:])])
         delta = tuned - base
         if not bool(torch.isfinite(delta).all()):
             raise NonFiniteDeltaError(f"the delta of {key} holds NaN or Inf; check the fine-tune's weights")
         return delta
 
+    def row_blocks(self, key: str) -> Iterable[tuple[int, torch.Tensor]]:
+        rows = self.finetuned.shape(key)[0]
+        for start in range(0, rows, self.ROW_BLOCK):
+            yield start, self.delta_rows(key, start, min(start + self.ROW_BLOCK, rows))
+
     def compress(self, spec: ModuleSpec, hessian: torch.Tensor | None = None) -> _Compressed | None:
         if spec.role == "skip":
             return None
-        weight_delta = self.delta(spec.weight)
         bias_delta = self.delta(spec.bias) if spec.bias is not None else None
         if bias_delta is not None and not bias_delta.any():
             bias_delta = None
-        if spec.kind == "parameter":
+        if spec.role == "embed" and not spec.transposed:
+            item = self._sparse(spec)
+        else:
+            weight_delta = self.delta(spec.weight)
+            if spec.kind == "parameter":
+                if weight_delta.any():
+                    raise CheckpointMismatchError(
+                        f"{spec.weight} changed, but it is not the weight or bias of a Linear, Conv1D, Embedding or "
+                        "norm module, so a SkillPack cannot carry its delta"
+                    )
+                return None
+            item = None
             if weight_delta.any():
-                raise CheckpointMismatchError(
-                    f"{spec.weight} changed, but it is not the weight or bias of a Linear, Conv1D, Embedding or norm "
-                    "module, so a SkillPack cannot carry its delta"
-                )
-            return None
-        item = None
-        if weight_delta.any():
-            logical = weight_delta.T if spec.transposed else weight_delta
-            if spec.role == "embed":
-                item = self._sparse(spec, logical)
-            elif spec.role == "dense" or logical.dim() != 2:
-                item = self._dense(spec, logical)
-            else:
-                item = self._lowrank(spec, logical, hessian)
+                logical = weight_delta.T if spec.transposed else weight_delta
+                if spec.role == "dense" or logical.dim() != 2:
+                    item = self._dense(spec, logical)
+                else:
+                    item = self._lowrank(spec, logical, hessian)
         if item is None:
-            return None if bias_delta is None else self._bias_only(spec, bias_delta)
+            if bias_delta is None:
+                return None
+            report = ModuleReport(spec.name, spec.role, "bias", list(bias_delta.shape))
+            item = _Compressed({}, report, None)
         if bias_delta is not None:
             item.tensors["graft_bias"] = bias_delta.to(torch.float16)
             item.bias_delta = bias_delta.to(torch.float16).float()
             item.report.bytes += 2 * bias_delta.numel()
-        if item.weight_delta is not None and spec.transposed:
-            item.weight_delta = item.weight_delta.T
         return item
-
-    def _bias_only(self, spec, bias_delta) -> _Compressed:
-        report = ModuleReport(spec.name, spec.role, "bias", list(bias_delta.shape), bytes=2 * bias_delta.numel())
-        tensors = {"graft_bias": bias_delta.to(torch.float16)}
-        return _Compressed(tensors, report, None, bias_delta.to(torch.float16).float())
 
     def _dense(self, spec, logical) -> _Compressed:
         stored = logical.to(torch.float16)
@@ -378,34 +408,73 @@ class _Compressor:
             bytes=2 * logical.numel(),
             frobenius_error=_relative(logical, stored.float()),
         )
-        return _Compressed({"graft_values": stored}, report, stored.float(), None)
+        return _Compressed({"graft_values": stored}, report, ("dense", stored.float()))
 
-    def _sparse(self, spec, logical) -> _Compressed:
+    def _sparse(self, spec) -> _Compressed | None:
+        """Magnitude pruning, streamed over row blocks: only the running top entries are kept in memory."""
+        shape = self.finetuned.shape(spec.weight)
+        rows, cols = shape
         rows_from = self.grown_rows.get(spec.name)
-        head = logical if rows_from is None else logical[:rows_from]
+        head_rows = rows if rows_from is None else rows_from
         if self.plan is not None:
-            kept = self.plan.sparse.get(spec.name, 0)
-            density = kept / head.numel() if kept else 0.0
+            keep = self.plan.sparse.get(spec.name, 0)
         else:
-            density = self.config.density_for(spec.name)
-        if density == 0.0 and rows_from is None:
+            keep = math.ceil(self.config.density_for(spec.name) * head_rows * cols)
+        kept_indices = torch.empty(0, dtype=torch.int64)
+        kept_values = torch.empty(0)
+        block = []
+        total = 0.0
+        for start, delta in self.row_blocks(spec.weight):
+            total += float(delta.double().pow(2).sum())
+            head = delta[: max(0, head_rows - start)].reshape(-1)
+            if head.numel() and keep:
+                positions = top_magnitude_positions(head, min(keep, head.numel()))
+                kept_indices = torch.cat([kept_indices, positions + start * cols])
+                kept_values = torch.cat([kept_values, head[positions]])
+                if kept_values.numel() > keep:
+                    best = top_magnitude_positions(kept_values, keep)
+                    kept_indices, kept_values = kept_indices[best], kept_values[best]
+            if start + delta.shape[0] > head_rows:
+                block.append(delta[max(0, head_rows - start) :])
+        if total == 0.0:
+            return None
+        order = kept_indices.argsort()
+        kept_indices, kept_values = kept_indices[order], kept_values[order]
+        block_rows = torch.cat(block) if block else None
+        if kept_indices.numel() == 0 and block_rows is None:
             return None  # the budget spends nothing here
-        tensors = encode_sparse(logical, None, tuple(logical.shape), max(density, 1e-12), rows_from)
-        restored = _decoded_values(tensors, tuple(logical.shape))
+        tensors = sparse_tensors(kept_indices, kept_values, tuple(shape), rows_from, block_rows)
+        if tensors is None:  # dense storage is smaller: read the delta once more, into fp16
+            dense = torch.cat([delta for _, delta in self.row_blocks(spec.weight)]).to(torch.float16)
+            if keep < head_rows * cols:
+                mask = torch.zeros(rows * cols, dtype=torch.bool)
+                mask[kept_indices] = True
+                if block_rows is not None:
+                    mask[head_rows * cols :] = True
+                dense = dense.reshape(-1).masked_fill(~mask, 0).reshape(shape)
+            tensors = {"graft_values": dense}
+        values, indices, _ = decode_values(tensors, tuple(shape))
+        if indices is None:
+            indices = values.reshape(-1).nonzero().squeeze(1)
+            values = values.reshape(-1)[indices]
+        kept_energy = float(kept_values.double().pow(2).sum()) + (
+            float(block_rows.double().pow(2).sum()) if block_rows is not None else 0.0
+        )
+        stored_values = torch.cat([kept_values, block_rows.reshape(-1)]) if block_rows is not None else kept_values
+        rounding = float((values.double() - stored_values.double()).pow(2).sum())
         form = "sparse" if "graft_indices" in tensors else "dense"
-        kept_density = float(tensors["graft_indices"].numel() / head.numel()) if form == "sparse" else 1.0
         report = ModuleReport(
             spec.name,
             spec.role,
             form,
-            list(logical.shape),
-            density=kept_density,
+            list(shape),
+            density=kept_indices.numel() / (head_rows * cols),
             bytes=tensors_nbytes(tensors),
-            frobenius_error=_relative(logical, restored),
+            frobenius_error=math.sqrt(max(0.0, total - kept_energy) + rounding) / math.sqrt(total),
         )
-        return _Compressed(tensors, report, restored, None)
+        return _Compressed(tensors, report, ("sparse", (indices, values)))
 
-    def _lowrank(self, spec, logical, hessian) -> _Compressed:
+    def _lowrank(self, spec, logical, hessian) -> _Compressed | None:
         out_features, in_features = logical.shape
         if self.plan is not None:
             if spec.name in self.plan.dense:
@@ -452,32 +521,39 @@ class _Compressor:
             svd=factors.method,
             output_error=output_error(logical, restored, hessian) if hessian is not None else None,
         )
-        return _Compressed(tensors, report, restored, None)
+        return _Compressed(tensors, report, ("lowrank", (u, s, v)))
 
 
 def _plan(specs, base, finetuned, config, budget_bytes, grown_rows, progress) -> BudgetPlan:
     """First pass of budget mode: spectra and magnitudes of every delta, then the greedy allocation."""
     compressor = _Compressor(base, finetuned, config, None, grown_rows, True, 0.01)
+    affordable_entries = budget_bytes // 6  # no sparse module can keep more entries than the whole budget buys
     mandatory = 0
     lowrank, sparse = [], []
     for spec in tqdm(specs, desc="planning budget", unit="module", disable=not progress):
         if spec.role == "skip":
             continue
-        delta = compressor.delta(spec.weight)
         if spec.bias is not None and compressor.delta(spec.bias).any():
             mandatory += 2 * base.numel(spec.bias) + header_bytes(spec.name, 1)
+        if spec.role == "embed" and not spec.transposed:
+            rows, cols = finetuned.shape(spec.weight)
+            head_rows = grown_rows.get(spec.name, rows)
+            if head_rows < rows:
+                mandatory += 2 * (rows - head_rows) * cols + header_bytes(spec.name, 2)
+            squared = torch.empty(0)
+            for start, delta in compressor.row_blocks(spec.weight):
+                head = delta[: max(0, head_rows - start)].reshape(-1).pow(2)
+                squared = torch.cat([squared, head[head > 0]])
+                if squared.numel() > affordable_entries:
+                    squared = squared.topk(affordable_entries).values
+            if squared.numel():
+                sparse.append(SparseCandidate(spec.name, head_rows * cols, squared.sort(descending=True).values))
+            continue
+        delta = compressor.delta(spec.weight)
         if not delta.any():
             continue
         logical = delta.T if spec.transposed else delta
-        if spec.role == "embed":
-            rows_from = grown_rows.get(spec.name)
-            head = logical if rows_from is None else logical[:rows_from]
-            if rows_from is not None:
-                mandatory += 2 * (logical.shape[0] - rows_from) * logical.shape[1] + header_bytes(spec.name, 2)
-            squared = head.reshape(-1).pow(2)
-            squared = squared[squared > 0].sort(descending=True).values
-            sparse.append(SparseCandidate(spec.name, head.numel(), squared))
-        elif spec.role == "dense" or logical.dim() != 2:
+        if spec.role == "dense" or logical.dim() != 2:
             mandatory += dense_bytes(spec.name, logical.numel())
         else:
             lowrank.append(LowRankCandidate(spec.name, logical.shape[0], logical.shape[1], singular_values(logical)))
@@ -515,15 +591,16 @@ def _extract_calibrated(compressor, specs, base_folder, finetuned, texts, length
 
     def apply(spec: ModuleSpec, item: _Compressed | None) -> None:
         """Set the in-memory module to base + compressed delta (the base stays readable from disk)."""
-        for key, delta in (
-            (spec.weight, item.weight_delta if item else None),
-            (spec.bias, item.bias_delta if item else None),
-        ):
+        weight = parameters[spec.weight].data
+        bias = parameters[spec.bias].data if spec.bias is not None else None
+        for key, target in ((spec.weight, weight), (spec.bias, bias)):
             if key is None:
                 continue
-            base = compressor.base.get(key).float()
-            value = base if delta is None else _add_rows(base, delta)
-            parameters[key].data.copy_(value.reshape(parameters[key].shape) if delta is None else value)
+            stored = compressor.base.get(key).float()
+            target.zero_()  # rows a fine-tune added (grown vocabulary) start from zero
+            target[: stored.shape[0]] = stored
+        if item is not None:
+            item.apply_to(weight, bias, spec.transposed)
 
     for spec in (s for s in specs if s.layer_index is None):  # embeddings, final norm, lm_head: data-free
         compressed[spec.name] = compressor.compress(spec)
@@ -706,17 +783,6 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> int:
     from safetensors.torch import save
 
     return len(save(tensors, metadata={"format": "pt"}))
-
-
-def _decoded_values(tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    values, indices, _ = decode_values(tensors, shape)
-    return values if indices is None else scatter_dense(indices, values, shape)
-
-
-def _add_rows(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    if delta.shape[0] > base.shape[0]:
-        base = torch.cat([base, base.new_zeros(delta.shape[0] - base.shape[0], *base.shape[1:])])
-    return base + delta.reshape(base.shape)
 
 
 def _relative(reference: torch.Tensor, approximation: torch.Tensor) -> float:

@@ -230,29 +230,57 @@ def encode_sparse(
     """
     numel = math.prod(shape)
     cols = shape[-1]
-    values = values.detach()
-    if indices is None:
-        indices, values = torch.arange(numel, device=values.device), values.reshape(-1)
     head_end = numel if dense_rows_from is None else dense_rows_from * cols
-    in_head = indices < head_end
-    kept = top_magnitude_positions(values[in_head], math.ceil(density * head_end))
-    head_indices, head_values = indices[in_head][kept], values[in_head][kept]
+    keep = math.ceil(density * head_end)
+    values = values.detach()
+    if indices is None:  # dense input: select in place, never materialize an index per entry
+        flat = values.reshape(-1)
+        head_indices = top_magnitude_positions(flat[:head_end], keep)
+        head_values = flat[head_indices]
+        tail_indices, tail_values = None, flat[head_end:]
+    else:
+        in_head = indices < head_end
+        kept = top_magnitude_positions(values[in_head], keep)
+        head_indices, head_values = indices[in_head][kept], values[in_head][kept]
+        tail_indices, tail_values = indices[~in_head], values[~in_head]
+    block = None
+    if dense_rows_from is not None:
+        block = (
+            tail_values
+            if tail_indices is None
+            else scatter_dense(tail_indices - head_end, tail_values, (numel - head_end,))
+        )
+        block = block.reshape(-1, cols)
+    tensors = sparse_tensors(head_indices, head_values, shape, dense_rows_from, block)
+    if tensors is None:
+        dense = scatter_dense(head_indices, head_values, shape).reshape(-1)
+        if block is not None:
+            dense[head_end:] = block.reshape(-1)
+        return {"graft_values": dense.reshape(shape).to(torch.float16).contiguous()}
+    return tensors
+
+
+def sparse_tensors(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    shape: tuple[int, ...],
+    dense_rows_from: int | None = None,
+    block: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """Pack tensors of a sparse delta (sorted flat `indices` + `values`, and the dense `block` of rows from
+    `dense_rows_from` on), or None when dense fp16 storage of the whole delta would be smaller."""
+    numel = math.prod(shape)
     index_dtype = torch.int32 if numel < 2**31 else torch.int64
     index_bytes = torch.empty((), dtype=index_dtype).element_size()
-    block_rows = 0 if dense_rows_from is None else shape[0] - dense_rows_from
-    if head_indices.numel() * (index_bytes + 2) + block_rows * cols * 2 >= numel * 2:
-        dense = scatter_dense(
-            torch.cat([head_indices, indices[~in_head]]), torch.cat([head_values, values[~in_head]]), shape
-        )
-        return {"graft_values": dense.to(torch.float16).contiguous()}
+    block_numel = 0 if block is None else block.numel()
+    if indices.numel() * (index_bytes + 2) + block_numel * 2 >= numel * 2:
+        return None
     tensors = {
-        "graft_indices": head_indices.to(index_dtype).contiguous(),
-        "graft_values": head_values.to(torch.float16).contiguous(),
+        "graft_indices": indices.to(index_dtype).contiguous(),
+        "graft_values": values.to(torch.float16).contiguous(),
     }
-    if block_rows:
-        block = values.new_zeros(block_rows * cols)
-        block[indices[~in_head] - head_end] = values[~in_head]
-        tensors["graft_rows"] = block.view(block_rows, cols).to(torch.float16).contiguous()
+    if block is not None:
+        tensors["graft_rows"] = block.to(torch.float16).contiguous()
         tensors["graft_rows_start"] = torch.tensor([dense_rows_from], dtype=torch.int64)
     return tensors
 
