@@ -44,6 +44,16 @@ def _error_vs_finetune(pack: Path, base_dir: Path, tuned_dir: Path, ids=None) ->
     return float((packed - tuned).norm() / (tuned - base_logits).norm())
 
 
+def _edited_copy(source: Path, target: Path, edit) -> Path:
+    """A copy of a single-file checkpoint whose tensors went through `edit` (which changes the dict in place)."""
+    target.mkdir()
+    tensors = load_file(source / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    (target / "config.json").write_text((source / "config.json").read_text())
+    return target
+
+
 def _assert_nothing_written(output: Path) -> None:
     assert not output.exists()
     assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")]
@@ -176,22 +186,12 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path):
         extract_skillpack(base_dir, narrow, output, progress=False)
     _assert_nothing_written(output)
 
-    missing = tmp_path / "missing"
-    missing.mkdir()
-    tensors = load_file(tuned_dir / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, missing / "model.safetensors", metadata={"format": "pt"})
-    (missing / "config.json").write_text((tuned_dir / "config.json").read_text())
+    missing = _edited_copy(tuned_dir, tmp_path / "missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(MissingTensorError, match=r"model.layers.1.mlp.up_proj.weight is missing from the fine-tune"):
         extract_skillpack(base_dir, missing, output, progress=False)
     _assert_nothing_written(output)
 
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    tensors = load_file(tuned_dir / "model.safetensors")
-    tensors["model.norm.weight"][3] = float("nan")
-    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    (broken / "config.json").write_text((tuned_dir / "config.json").read_text())
+    broken = _edited_copy(tuned_dir, tmp_path / "broken", lambda t: t["model.norm.weight"].__setitem__(3, float("nan")))
     with pytest.raises(NonFiniteDeltaError, match=r"model.norm.weight holds NaN or Inf"):
         extract_skillpack(base_dir, broken, output, progress=False)
     _assert_nothing_written(output)
@@ -302,46 +302,25 @@ def test_calibrated_gptq_beats_round_to_nearest_at_equal_bytes_on_held_out_text(
 
 def test_report_is_written_and_inspect_prints_it(tmp_path):
     base_dir, tuned_dir = save_pair(tmp_path, "llama")
-    command = [sys.executable, "-m", "peft_graft.cli"]
-    result = subprocess.run(
-        [
-            *command,
-            "extract",
-            "--base",
-            str(base_dir),
-            "--finetuned",
-            str(tuned_dir),
-            "--output",
-            str(tmp_path / "pack"),
-            "--attn-rank",
-            "8",
-            "--bands",
-            "4:8,rest:4",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    cli = [sys.executable, "-m", "peft_graft.cli"]
+    extract = [
+        *cli,
+        "extract",
+        "--base",
+        str(base_dir),
+        "--finetuned",
+        str(tuned_dir),
+        "--output",
+        str(tmp_path / "pack"),
+    ]
+    result = subprocess.run([*extract, "--attn-rank", "8", "--bands", "4:8,rest:4"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     assert "ratio" in result.stdout
     report = ExtractionReport.load(tmp_path / "pack")
     assert report.fp16_delta_bytes > report.pack_bytes > 0 and report.peak_rss_bytes > 0 and report.wall_seconds > 0
     q_proj = next(m for m in report.modules if m.name.endswith("layers.0.self_attn.q_proj"))
     assert q_proj.rank == 8 and q_proj.bands == [[4, 8], [4, 4]]
-    inspect = [sys.executable, "-m", "peft_graft.cli", "inspect", str(tmp_path / "pack")]
-    shown = subprocess.run(inspect, capture_output=True, text=True, check=True)
+    shown = subprocess.run([*cli, "inspect", str(tmp_path / "pack")], capture_output=True, text=True, check=True)
     assert "model.layers.0.self_attn.q_proj" in shown.stdout and "4x8,4x4" in shown.stdout
-    failed = subprocess.run(
-        [
-            *command,
-            "extract",
-            "--base",
-            str(base_dir),
-            "--finetuned",
-            str(tuned_dir),
-            "--output",
-            str(tmp_path / "pack"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    failed = subprocess.run(extract, capture_output=True, text=True)
     assert failed.returncode == 2 and "already exists" in failed.stderr

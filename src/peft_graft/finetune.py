@@ -54,7 +54,7 @@ def full_finetune(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     if not all(math.isfinite(loss) for loss in losses):
