@@ -153,8 +153,9 @@ def test_added_tokens_are_stored_dense_with_the_tokenizer_and_grow_the_base(tmp_
     assert _error_vs_finetune(tmp_path / "pack", base_dir, tmp_path / "finetuned", ids) < 0.06
 
 
-def test_bf16_checkpoints(tmp_path):
-    base_dir, tuned_dir = save_pair(tmp_path, "llama", dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints(dtype, tmp_path):
+    base_dir, tuned_dir = save_pair(tmp_path, "llama", dtype=dtype)
     report = extract_skillpack(base_dir, tuned_dir, tmp_path / "pack", progress=False)
     assert report.ratio <= 1 / 8
     assert _error_vs_finetune(tmp_path / "pack", base_dir, tuned_dir) < 0.1
