@@ -197,6 +197,10 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path):
         extract_skillpack(base_dir, broken, output, progress=False)
     _assert_nothing_written(output)
 
+    with pytest.raises(CheckpointMismatchError, match="is a Conv1D; the 'embed' role"):
+        extract_skillpack(*save_pair(tmp_path / "gpt2", "gpt2"), output, GraftConfig(module_roles={"c_fc": "embed"}))
+    _assert_nothing_written(output)
+
     with pytest.raises(CheckpointMismatchError, match="identical to the base"):
         extract_skillpack(base_dir, base_dir, output, progress=False)
     _assert_nothing_written(output)

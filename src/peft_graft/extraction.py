@@ -259,16 +259,11 @@ def extract_skillpack(
             "group_size": config.group_size,
         },
     )
-    report.pack_bytes = _safetensors_bytes(tensors)
-    if budget is not None and report.pack_bytes > budget * fp16_delta_bytes:
-        raise BudgetError(
-            f"the planned pack is {report.pack_bytes} bytes, over the budget of {budget * fp16_delta_bytes:.0f} bytes "
-            "(a planner bug: please report it)"
-        )
     report.wall_seconds = time.perf_counter() - started
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     files = finetuned_reader.tokenizer_files() if grown_rows else []
-    _write_pack(output_dir, tensors, pack_config, report, files, overwrite)
+    max_bytes = math.floor(budget * fp16_delta_bytes) if budget is not None else None
+    _write_pack(output_dir, tensors, pack_config, report, files, overwrite, max_bytes)
     return report
 
 
@@ -286,6 +281,10 @@ def _validated_specs(
     specs = []
     covered = set()
     for spec in module_specs(model, config.role_override):
+        if spec.role == "embed" and spec.transposed:
+            raise CheckpointMismatchError(
+                f"{spec.name} is a Conv1D; the 'embed' role (magnitude pruning) needs an Embedding or Linear module"
+            )
         if spec.name == tied_head and spec.weight not in base:
             if spec.weight in finetuned:
                 raise CheckpointMismatchError(
@@ -369,7 +368,7 @@ class _Compressor:
         bias_delta = self.delta(spec.bias) if spec.bias is not None else None
         if bias_delta is not None and not bias_delta.any():
             bias_delta = None
-        if spec.role == "embed" and not spec.transposed:
+        if spec.role == "embed":
             item = self._sparse(spec)
         else:
             weight_delta = self.delta(spec.weight)
@@ -535,7 +534,7 @@ def _plan(specs, base, finetuned, config, budget_bytes, grown_rows, progress) ->
             continue
         if spec.bias is not None and compressor.delta(spec.bias).any():
             mandatory += 2 * base.numel(spec.bias) + header_bytes(spec.name, 1)
-        if spec.role == "embed" and not spec.transposed:
+        if spec.role == "embed":
             rows, cols = finetuned.shape(spec.weight)
             head_rows = grown_rows.get(spec.name, rows)
             if head_rows < rows:
@@ -753,13 +752,20 @@ def _pack_config(config, compressed, base_reader, grown_rows, tied_head) -> Graf
     )
 
 
-def _write_pack(output_dir: Path, tensors, config: GraftConfig, report: ExtractionReport, files, overwrite) -> None:
+def _write_pack(
+    output_dir: Path, tensors, config: GraftConfig, report: ExtractionReport, files, overwrite, max_bytes
+) -> None:
     """Write into a temporary sibling folder and rename it into place, so no partial pack ever looks valid."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
     try:
         save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         report.pack_bytes = (staging / ADAPTER_WEIGHTS).stat().st_size
+        if max_bytes is not None and report.pack_bytes > max_bytes:
+            raise BudgetError(
+                f"the planned pack is {report.pack_bytes} bytes, over the budget of {max_bytes} bytes "
+                "(a planner bug: please report it)"
+            )
         config.save_pretrained(str(staging))
         for file in files:
             shutil.copy2(file, staging / file.name)
@@ -776,13 +782,6 @@ def _write_pack(output_dir: Path, tensors, config: GraftConfig, report: Extracti
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """File size safetensors will write for `tensors`: an 8-byte length, the JSON header, the data."""
-    from safetensors.torch import save
-
-    return len(save(tensors, metadata={"format": "pt"}))
 
 
 def _relative(reference: torch.Tensor, approximation: torch.Tensor) -> float:
