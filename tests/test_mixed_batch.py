@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -88,7 +90,43 @@ def test_unknown_names_training_mode_and_wrong_lengths_are_clear_errors(tmp_path
     model.train()
     with pytest.raises(ValueError, match="training mode"):
         model(ids, adapter_names=["a", "b"])
-    model.eval()
-    model.merge_adapter(["a"])
-    with pytest.raises(ValueError, match="while adapters are merged"):
-        model(ids, adapter_names=["a", "b"])
+
+
+def test_mixed_batches_stay_right_while_a_pack_is_merged(tmp_path):
+    model = _two_pack_model("llama", tmp_path)
+    ids = token_batch(batch=len(ROW_ADAPTERS))
+    with torch.no_grad():
+        expected = model(ids, adapter_names=ROW_ADAPTERS).logits
+        model.merge_adapter(["a"])
+        merged = model(ids, adapter_names=ROW_ADAPTERS).logits  # 'a' rows use the merged weights as they are
+        model.unmerge_adapter()
+    assert (merged - expected).abs().max() < 1e-4
+
+
+def _generate_concurrently(model, ids, names, rounds: int = 6, **settings) -> dict[str, list[torch.Tensor]]:
+    """Each name's thread generates `rounds` times with its own adapter_names, all threads at once."""
+    results: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    barrier = threading.Barrier(len(names))
+
+    def run(name: str) -> None:
+        barrier.wait()
+        for _ in range(rounds):
+            results[name].append(model.generate(input_ids=ids, adapter_names=[name] * len(ids), **settings))
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_concurrent_threads_with_different_packs_get_what_they_get_alone(tmp_path):
+    model = _two_pack_model("llama", tmp_path)
+    ids = token_batch(batch=2, length=6)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    names = ["a", "b", BASE_ADAPTER]
+    alone = {name: model.generate(input_ids=ids, adapter_names=[name] * 2, **settings) for name in names}
+    assert not torch.equal(alone["a"], alone["b"])
+    for name, outputs in _generate_concurrently(model, ids, names, **settings).items():
+        assert all(torch.equal(output, alone[name]) for output in outputs), name

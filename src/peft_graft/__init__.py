@@ -20,6 +20,8 @@ from .errors import (
 from .extraction import ExtractionReport, ModuleReport, extract_skillpack
 from .layer import BASE_ADAPTER, GraftEmbedding, GraftLayer, GraftLinear, GraftNorm
 from .model import GraftModel, grow_vocabulary
+from .router import BaseModelEmbedder, GraftRouter, ManualRouter, RoutingError
+from .routing import PackSource, RoutedGraftModel
 
 register_graft_method()
 
@@ -28,6 +30,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "BASE_ADAPTER",
     "DEFAULT_PRECISION_BANDS",
+    "BaseModelEmbedder",
     "BudgetError",
     "CheckpointError",
     "CheckpointMismatchError",
@@ -40,11 +43,16 @@ __all__ = [
     "GraftLinear",
     "GraftModel",
     "GraftNorm",
+    "GraftRouter",
+    "ManualRouter",
     "MissingTensorError",
     "ModuleReport",
     "NonFiniteDeltaError",
     "PackFormatError",
+    "PackSource",
     "PickleCheckpointError",
+    "RoutedGraftModel",
+    "RoutingError",
     "__version__",
     "extract_skillpack",
     "grow_vocabulary",

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,14 @@ from .pack_format import PackingPolicy, decode_module, encode_module
 
 BASE_ADAPTER = "__base__"
 """Name to put in ``adapter_names`` for rows that should run on the base model alone."""
+
+ROW_ADAPTERS: ContextVar[list[str] | None] = ContextVar("peft_graft_row_adapters", default=None)
+"""Per-row adapter names of the forward / generate call running in this thread (or task).
+
+PEFT passes ``adapter_names`` to layers through forward pre-hooks registered on the shared modules, so two threads
+would overwrite each other's names. A context variable is private to each thread, so concurrent calls with
+different packs stay independent.
+"""
 
 # Scale of the random delta made with init_weights=False (tests only): visible, but far from dominating the base.
 _RANDOM_DELTA_SCALE = 0.1
@@ -117,13 +127,13 @@ class _GraftModule(nn.Module, GraftLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            adapter_names = ROW_ADAPTERS.get()
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
-            if self.merged:
-                raise ValueError("Cannot pass `adapter_names` while adapters are merged; call unmerge_adapter() first.")
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
@@ -139,24 +149,31 @@ class _GraftModule(nn.Module, GraftLayer):
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
     ) -> torch.Tensor:
+        """Each row with its own adapter. Merged adapters are already in the weights: a row gets the deltas of the
+        adapter it names minus those of the merged ones it does not name, so rows stay exact in merged mode too."""
         if len(adapter_names) != x.shape[0]:
             raise ValueError(
                 f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows; "
                 "pass one adapter name per row"
             )
         result = self.base_layer(x, *args, **kwargs)
+        merged = [adapter for adapter in self.merged_adapters if self._owns(adapter)]
         rows_by_adapter: dict[str, list[int]] = {}
         for row, name in enumerate(adapter_names):
             rows_by_adapter.setdefault(name, []).append(row)
         for name, rows in rows_by_adapter.items():
-            if name == BASE_ADAPTER or not self._owns(name):
-                continue
-            index = torch.tensor(rows, device=x.device)
-            result = self._apply_to_rows(result, x, index, name, *args, **kwargs)
+            wanted = [name] if name != BASE_ADAPTER and self._owns(name) else []
+            add = [adapter for adapter in wanted if adapter not in merged]
+            remove = [adapter for adapter in merged if adapter not in wanted]
+            if add or remove:
+                index = torch.tensor(rows, device=x.device)
+                result = self._apply_to_rows(result, x, index, add, remove, *args, **kwargs)
         return result
 
-    def _apply_to_rows(self, result, x, index, adapter, *args, **kwargs) -> torch.Tensor:
-        delta = self._delta_output(adapter, x.index_select(0, index))
+    def _apply_to_rows(self, result, x, index, add, remove, *args, **kwargs) -> torch.Tensor:
+        rows = x.index_select(0, index)
+        delta = sum(self._delta_output(adapter, rows) for adapter in add)
+        delta = delta - sum(self._delta_output(adapter, rows) for adapter in remove)
         return result.index_add(0, index, delta.to(result.dtype))
 
     def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
@@ -465,20 +482,24 @@ class GraftNorm(_GraftModule):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _forward_with(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not adapters:
+    def _forward_with(
+        self, x: torch.Tensor, adapters: list[str], *args: Any, remove: Sequence[str] = (), **kwargs: Any
+    ) -> torch.Tensor:
+        if not adapters and not remove:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         parameters = {}
         for name, container in (("weight", self.graft_values), ("bias", self.graft_bias)):
-            deltas = [container[a] for a in adapters if a in container]
-            if deltas:
+            added = [container[a] for a in adapters if a in container]
+            removed = [container[a] for a in remove if a in container]
+            if added or removed:
                 original = getattr(base, name)
-                parameters[name] = original + sum(d.to(original.dtype) for d in deltas)
+                shift = sum(d.to(original.dtype) for d in added) - sum(d.to(original.dtype) for d in removed)
+                parameters[name] = original + shift
         return torch.func.functional_call(base, parameters, (x, *args), kwargs)
 
-    def _apply_to_rows(self, result, x, index, adapter, *args, **kwargs) -> torch.Tensor:
-        rows = self._forward_with(x.index_select(0, index), [adapter], *args, **kwargs)
+    def _apply_to_rows(self, result, x, index, add, remove, *args, **kwargs) -> torch.Tensor:
+        rows = self._forward_with(x.index_select(0, index), add, *args, remove=remove, **kwargs)
         return result.index_copy(0, index, rows.to(result.dtype))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import GraftConfig
 from .errors import PackFormatError
-from .layer import BASE_ADAPTER, GraftEmbedding, GraftLayer, GraftLinear, GraftNorm
+from .layer import BASE_ADAPTER, ROW_ADAPTERS, GraftEmbedding, GraftLayer, GraftLinear, GraftNorm
 from .pack_format import PackingPolicy
 
 # Every per-adapter tensor a GRAFT layer holds in its state dict.
@@ -181,17 +180,11 @@ class GraftModel(BaseTuner):
         if isinstance(num_beams, int) and num_beams > 1:
             # generate() repeats every input row num_beams times
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
-        handles = [
-            layer.register_forward_pre_hook(
-                partial(_inject_adapter_names, adapter_names=adapter_names), with_kwargs=True
-            )
-            for _, layer in _graft_layers(self.model)
-        ]
+        token = ROW_ADAPTERS.set(list(adapter_names))
         try:
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            ROW_ADAPTERS.reset(token)
 
     @classmethod
     def _get_adapter_state_dict(
@@ -307,8 +300,3 @@ def _graft_layers(model: nn.Module) -> Iterator[tuple[str, GraftLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, GraftLayer):
             yield name.removeprefix("_fsdp_wrapped_module."), module
-
-
-def _inject_adapter_names(target, args, kwargs, adapter_names):
-    kwargs["adapter_names"] = adapter_names
-    return args, kwargs

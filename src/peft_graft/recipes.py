@@ -45,8 +45,12 @@ class SkillRecipe:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-# Single-digit arithmetic: SmolLM2-135M-Instruct scores ~1 % on it and ~31 % after 80 steps on 2 CPU cores.
+# Measured with SmolLM2-135M-Instruct on 2 CPU cores (held-out accuracy, base -> fine-tune):
+# single-digit arithmetic 0.6 % -> 31 % in 80 steps; counting a letter in a short text 0.8 % -> 56 % in 60 steps;
+# counting animals' legs 0.2 % -> 6 % in 60 steps (a weak skill: routing tests use it for its distinct prompts).
 ARITHMETIC = SkillRecipe("basic_arithmetic", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
+LETTER_COUNTING = SkillRecipe("letter_counting", {"min_words": 3, "max_words": 5}, steps=60)
+LEG_COUNTING = SkillRecipe("leg_counting", {"min_animals": 1, "max_animals": 2}, steps=20)
 
 
 def finetuned_skill(recipe: SkillRecipe = ARITHMETIC, base: str = DEFAULT_MODEL, *, progress: bool = True) -> Path:
