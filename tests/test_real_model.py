@@ -10,6 +10,9 @@ import importlib.util
 import pytest
 import torch
 
+# The answers are 1-3 tokens; a longer reply is wrong anyway, so generation stops early.
+ANSWER_TOKENS = 8
+
 pytestmark = [
     pytest.mark.real,
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -42,8 +45,8 @@ def skill():
         "task": task,
         "test": test,
         "calibration": [chat_text(tokenizer, e.question, e.answer) for e in train[:128]],
-        "base_accuracy": accuracy(base, tokenizer, task, test),
-        "tuned_accuracy": accuracy(tuned, tokenizer, task, test),
+        "base_accuracy": accuracy(base, tokenizer, task, test, max_new_tokens=ANSWER_TOKENS),
+        "tuned_accuracy": accuracy(tuned, tokenizer, task, test, max_new_tokens=ANSWER_TOKENS),
         "tuned_logprobs": _answer_logprobs(tuned, tokenizer, test),
     }
 
@@ -94,7 +97,8 @@ def test_default_preset_pack_matches_the_fine_tune_far_above_the_base(skill, tmp
     from peft_graft.tasks import accuracy
 
     report = extract_skillpack(skill["base_dir"], skill["tuned_dir"], tmp_path / "pack", progress=False)
-    pack_accuracy = accuracy(_load_pack(skill, tmp_path / "pack"), skill["tokenizer"], skill["task"], skill["test"])
+    pack = _load_pack(skill, tmp_path / "pack")
+    pack_accuracy = accuracy(pack, skill["tokenizer"], skill["task"], skill["test"], max_new_tokens=ANSWER_TOKENS)
     assert report.ratio < 0.1
     assert _retention(skill, pack_accuracy) >= 0.9, (skill["base_accuracy"], skill["tuned_accuracy"], pack_accuracy)
 
@@ -118,7 +122,7 @@ def test_a_one_sixteenth_budget_pack_keeps_95_percent_of_the_gain_and_gptq_beats
     assert calibrated.pack_bytes == data_free.pack_bytes  # equal bytes: the same plan, quantized two ways
 
     gptq_pack = _load_pack(skill, tmp_path / "gptq")
-    gptq_accuracy = accuracy(gptq_pack, skill["tokenizer"], skill["task"], skill["test"])
+    gptq_accuracy = accuracy(gptq_pack, skill["tokenizer"], skill["task"], skill["test"], max_new_tokens=ANSWER_TOKENS)
     assert _retention(skill, gptq_accuracy) >= 0.95, (skill["base_accuracy"], skill["tuned_accuracy"], gptq_accuracy)
     gptq_kl = _kl_to_finetune(skill, gptq_pack)
     rtn_kl = _kl_to_finetune(skill, _load_pack(skill, tmp_path / "rtn"))
