@@ -106,8 +106,6 @@ class RoutedGraftModel:
         """Load `packs` ({name: folder, Hub repo id or PackSource}) onto `base_model` as named adapters."""
         from peft import PeftModel
 
-        import peft_graft  # noqa: F401  (the packs are GRAFT adapters)
-
         if not packs:
             raise RoutingError("from_packs needs at least one pack")
         sources = {name: _as_source(source) for name, source in packs.items()}
