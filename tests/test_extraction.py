@@ -14,7 +14,6 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from fine_tunes import build, plant_delta, save_pair
 from peft_graft import (
     CheckpointMismatchError,
     ExtractionReport,
@@ -26,6 +25,7 @@ from peft_graft import (
     grow_vocabulary,
 )
 
+from fine_tunes import build, plant_delta, save_pair
 from tiny_models import tiny_tokenizer, token_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from peft_graft import GraftConfig, GraftLayer, PackFormatError
+from peft_graft.errors import BaseModelMismatchError
+from peft_graft.provenance import allow_base_mismatch
 
 from tiny_models import BUILDERS, EMBED_TARGETS, LINEAR_TARGETS, tiny_gpt2, tiny_llama, tiny_qwen2, token_batch
 
@@ -227,7 +229,9 @@ def test_norm_and_bias_deltas_round_trip(tmp_path):
 
 def test_a_pack_for_a_different_shape_is_a_clear_error(tmp_path):
     pack_dir, _ = _pack(tiny_llama(), tmp_path / "pack", ["q_proj"], r=8)
-    with pytest.raises(PackFormatError, match="must belong to this base model"):
+    with pytest.raises(BaseModelMismatchError, match="was made for base"):  # the base fingerprint catches it first
+        PeftModel.from_pretrained(tiny_llama(hidden_size=32, intermediate_size=64), pack_dir)
+    with allow_base_mismatch(), pytest.raises(PackFormatError, match="must belong to this base model"):
         PeftModel.from_pretrained(tiny_llama(hidden_size=32, intermediate_size=64), pack_dir)
 
 

@@ -51,6 +51,8 @@ def register_graft_method() -> None:
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = GraftModel
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = "graft_"
     _keep_base_embeddings_out_of_packs()
+    _load_packs_from_safetensors_only()
+    _write_pack_cards_on_save()
     route_graft_load_adapter()
 
 
@@ -74,3 +76,106 @@ def _keep_base_embeddings_out_of_packs() -> None:
 
     has_valid_embedding_base_layer._peft_graft_wrapped = True
     save_and_load.has_valid_embedding_base_layer = has_valid_embedding_base_layer
+
+
+def _load_packs_from_safetensors_only() -> None:
+    """``PeftModel.load_adapter`` reads GRAFT packs with ``peft_graft.hub.load_pack_weights``.
+
+    PEFT falls back to pickle (``adapter_model.bin``) when a repo has no safetensors file; a SkillPack never does, and
+    its weight file is checked against its safetensors header first, so a damaged download fails clearly.
+    """
+    from peft import peft_model
+
+    original = peft_model.load_peft_weights
+    if getattr(original, "_peft_graft_wrapped", False):
+        return
+
+    def load_peft_weights(model_id, device=None, key_mapping=None, **download):
+        from peft_graft.hub import is_graft_adapter, pack_weights_file
+
+        if is_graft_adapter(model_id, **download):
+            # PEFT loads the checked file from its folder: safetensors is found there first, key_mapping applies
+            return original(str(pack_weights_file(model_id, **download).parent), device=device, key_mapping=key_mapping)
+        return original(model_id, device=device, key_mapping=key_mapping, **download)
+
+    load_peft_weights._peft_graft_wrapped = True
+    peft_model.load_peft_weights = load_peft_weights
+
+
+def _write_pack_cards_on_save() -> None:
+    """``save_pretrained`` writes the SkillPack model card next to each GRAFT adapter; ``push_to_hub`` uploads it.
+
+    PEFT writes its generic adapter card before the weights exist; a pack's card describes the saved file (bytes per
+    module, base fingerprint), so it is rendered after saving. transformers' ``push_to_hub`` would then replace the
+    README with the Hub's copy, so for GRAFT-only models the push goes through ``peft_graft.hub``.
+    """
+    from peft import PeftModel
+
+    original_save = PeftModel.save_pretrained
+    if getattr(original_save, "_peft_graft_wrapped", False):
+        return
+
+    def save_pretrained(self, save_directory, safe_serialization=True, selected_adapters=None, **kwargs):
+        import os
+
+        from peft_graft.hub import write_pack_card
+
+        original_save(
+            self, save_directory, safe_serialization=safe_serialization, selected_adapters=selected_adapters, **kwargs
+        )
+        if kwargs.get("is_main_process", True) is False or not safe_serialization:
+            return
+        for name in selected_adapters or list(self.peft_config):
+            if self.peft_config[name].peft_type == _NAME:
+                folder = save_directory if name == "default" else os.path.join(save_directory, name)
+                write_pack_card(folder)
+
+    original_push = PeftModel.push_to_hub
+
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        if args or not all(config.peft_type == _NAME for config in self.peft_config.values()):
+            return original_push(self, repo_id, *args, **kwargs)
+        return _push_graft_model(self, repo_id, **kwargs)
+
+    save_pretrained._peft_graft_wrapped = True
+    push_to_hub.__doc__ = original_push.__doc__
+    PeftModel.save_pretrained = save_pretrained
+    PeftModel.push_to_hub = push_to_hub
+
+
+def _push_graft_model(
+    model,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token=None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    tags: list[str] | None = None,
+    tag: str | None = None,
+    **unused,
+):
+    import tempfile
+
+    from peft_graft.hub import push_pack
+
+    if len(model.peft_config) != 1:
+        raise ValueError(
+            f"push_to_hub pushes one SkillPack per repo; this model holds {len(model.peft_config)} adapters. "
+            "Save them with save_pretrained and push each folder with peft_graft.hub.push_pack."
+        )
+    (adapter_name,) = model.peft_config
+    with tempfile.TemporaryDirectory(prefix="graft-push-") as folder:
+        model.save_pretrained(folder)
+        pack = folder if adapter_name == "default" else f"{folder}/{adapter_name}"
+        return push_pack(
+            pack,
+            repo_id,
+            revision=revision,
+            tag=tag,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            create_pr=create_pr,
+        )

@@ -58,6 +58,10 @@ class _Entry:
     def __init__(self, file: Path, offset: int, dtype: str, shape: tuple[int, ...]) -> None:
         self.file, self.offset, self.dtype, self.shape = file, offset, dtype, shape
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _element_size(self.dtype)
+
 
 class CheckpointReader:
     """Read the tensors of one checkpoint lazily.
@@ -82,7 +86,7 @@ class CheckpointReader:
         files = _weight_files(self.folder)
         if files:
             for file in files:
-                self._entries.update(_read_header(file))
+                self._entries.update(read_safetensors_header(file))
         else:
             pickled = [file for pattern in ("*.bin", "*.pt", "*.pth") for file in sorted(self.folder.glob(pattern))]
             if not pickled:
@@ -100,6 +104,14 @@ class CheckpointReader:
                 name: _Entry(pickled[0], 0, str(t.dtype).removeprefix("torch."), tuple(t.shape))
                 for name, t in self._pickled.items()
             }
+
+    @property
+    def commit(self) -> str | None:
+        """The Hub commit the checkpoint was downloaded at (None for a local folder)."""
+        parent = self.folder.parent
+        if parent.name == "snapshots" and len(self.folder.name) == 40:
+            return self.folder.name
+        return None
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -141,6 +153,22 @@ class CheckpointReader:
                 raise CheckpointError(f"{entry.file} is truncated: cannot read {name}")
         return buffer.view(dtype).reshape((stop - start, *row_shape) if entry.shape else ())
 
+    def get_values(self, name: str, positions: list[int]) -> torch.Tensor:
+        """Single elements of a tensor at flat (row-major) positions, one small read each."""
+        if self._pickled is not None:
+            return self._pickled[name].reshape(-1)[positions].clone()
+        entry = self._entries[name]
+        if entry.dtype not in _DTYPES:
+            raise CheckpointError(f"{name} has dtype {entry.dtype}, which peft-graft cannot read")
+        size = _element_size(entry.dtype)
+        buffer = torch.empty(len(positions) * size, dtype=torch.uint8)
+        with open(entry.file, "rb") as handle:
+            for index, position in enumerate(positions):
+                handle.seek(entry.offset + position * size)
+                if handle.readinto(buffer[index * size : (index + 1) * size].numpy()) != size:
+                    raise CheckpointError(f"{entry.file} is truncated: cannot read {name}")
+        return buffer.view(_DTYPES[entry.dtype])
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
             yield name, self.get(name)
@@ -153,7 +181,7 @@ def _element_size(dtype: str) -> int:
     return torch.empty((), dtype=_DTYPES[dtype]).element_size() if dtype in _DTYPES else 1
 
 
-def _read_header(file: Path) -> dict[str, _Entry]:
+def read_safetensors_header(file: Path) -> dict[str, _Entry]:
     """The tensor index of a safetensors file: an 8-byte little-endian length, then that many bytes of JSON."""
     with open(file, "rb") as handle:
         prefix = handle.read(8)
@@ -162,20 +190,29 @@ def _read_header(file: Path) -> dict[str, _Entry]:
         (length,) = struct.unpack("<Q", prefix)
         if length > 100_000_000:
             raise CheckpointError(f"{file} is not a safetensors file (header length {length})")
-        header = json.loads(handle.read(length))
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{file} is not a safetensors file (unreadable header: {error})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{file} is not a safetensors file (header is not a JSON object)")
     data_start = 8 + length
     entries = {}
+    data_end = 0
     for name, info in header.items():
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
+        data_end = max(data_end, end)
         entry = _Entry(file, data_start + begin, info["dtype"], tuple(info["shape"]))
         expected = math.prod(entry.shape) * _element_size(entry.dtype)
         if entry.dtype in _DTYPES and end - begin != expected:
             raise CheckpointError(f"{file}: {name} claims {end - begin} bytes but its shape needs {expected}")
         entries[name] = entry
-    if file.stat().st_size < data_start + max((e.offset - data_start for e in entries.values()), default=0):
-        raise CheckpointError(f"{file} is truncated")
+    if file.stat().st_size < data_start + data_end:
+        raise CheckpointError(
+            f"{file} is truncated: {file.stat().st_size} bytes, its header needs {data_start + data_end}"
+        )
     return entries
 
 

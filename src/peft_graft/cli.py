@@ -42,18 +42,33 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
     extract.add_argument("--allow-pickle", action="store_true", help="read .bin checkpoints (only if you trust them)")
     extract.add_argument("--overwrite", action="store_true")
+    extract.add_argument("--skill", help="what the fine-tune learned, for the model card")
 
     inspect = commands.add_parser("inspect", help="print a pack's per-module table")
     inspect.add_argument("pack", help="pack folder")
+
+    push = commands.add_parser("push", help="upload a pack or router folder to the Hub, with its model card")
+    push.add_argument("folder", help="pack folder (adapter_config.json) or router folder (router_config.json)")
+    push.add_argument("repo_id", help="Hub repo, e.g. org/llama-math-skillpack")
+    push.add_argument("--revision", help="branch to commit to (created if missing)")
+    push.add_argument("--tag", help="tag the new commit, e.g. v1")
+    push.add_argument("--private", action="store_true", default=None)
+    push.add_argument("--message", help="commit message")
+    push.add_argument("--token")
+
+    pull = commands.add_parser("pull", help="download a pack or router from the Hub into a folder")
+    pull.add_argument("repo_id")
+    pull.add_argument("folder", help="where to put it")
+    pull.add_argument("--revision", help="branch, tag or commit")
+    pull.add_argument("--token")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "extract":
-            return _extract(args)
-        return _inspect(args)
+        handler = {"extract": _extract, "inspect": _inspect, "push": _push, "pull": _pull}[args.command]
+        return handler(args)
     except (GraftError, FileExistsError, FileNotFoundError) as error:
         print(f"peft-graft: error: {error}", file=sys.stderr)
         return 2
@@ -85,6 +100,7 @@ def _extract(args: argparse.Namespace) -> int:
         calibration_samples=args.calibration_samples,
         calibration_length=args.calibration_length,
         overwrite=args.overwrite,
+        skill=args.skill,
     )
     print(report.table())
     print(f"wrote {args.output}")
@@ -96,6 +112,47 @@ def _inspect(args: argparse.Namespace) -> int:
 
     print(ExtractionReport.load(args.pack).table())
     return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .hub import push_pack
+    from .routing import ROUTER_CONFIG, push_router_folder
+
+    push = push_router_folder if (Path(args.folder) / ROUTER_CONFIG).is_file() else push_pack
+    commit = push(
+        args.folder,
+        args.repo_id,
+        revision=args.revision,
+        tag=args.tag,
+        private=args.private,
+        token=args.token,
+        commit_message=args.message,
+    )
+    print(f"pushed {args.folder} to {args.repo_id} (commit {commit}{f', tag {args.tag}' if args.tag else ''})")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from .hub import pull_pack
+    from .routing import ROUTER_CONFIG, pull_router
+
+    if _has_file(args.repo_id, ROUTER_CONFIG, args.revision, args.token):
+        folder = pull_router(args.repo_id, args.folder, revision=args.revision, token=args.token)
+    else:
+        folder = pull_pack(args.repo_id, args.folder, revision=args.revision, token=args.token)
+    print(f"pulled {args.repo_id} into {folder}")
+    return 0
+
+
+def _has_file(repo_id: str, filename: str, revision: str | None, token: str | None) -> bool:
+    from huggingface_hub import file_exists
+
+    from .hub import hub_errors
+
+    with hub_errors("reach", repo_id, revision):
+        return file_exists(repo_id, filename, revision=revision, token=token)
 
 
 if __name__ == "__main__":

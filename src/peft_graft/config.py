@@ -10,6 +10,7 @@ from peft.utils.other import get_pattern_key
 
 from .errors import GraftConfigError
 from .pack_format import FORMAT_VERSION, STORAGE_BITS
+from .provenance import FINGERPRINT_PREFIX
 
 MODULE_ROLES = ("embed", "attn", "mlp", "dense", "skip")
 DEFAULT_PRECISION_BANDS: tuple[tuple[int | None, int], ...] = ((16, 8), (112, 4), (None, 2))
@@ -120,6 +121,21 @@ class GraftConfig(PeftConfig):
             "first (new rows start at zero; the pack stores them)."
         },
     )
+    base_model_fingerprint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fingerprint of the base model the pack was made for (parameter names, shapes and a few sampled "
+            "values; see peft_graft.provenance). Filled in by extraction and save_pretrained; checked on attach."
+        },
+    )
+    pack_info: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Facts about the pack for its model card: skill, finetuned (source fine-tune), "
+            "finetuned_revision, calibrated, budget, fp16_delta_bytes, license and eval_results. Filled in by "
+            "extraction; yours to extend."
+        },
+    )
     format_version: int = field(
         default=FORMAT_VERSION,
         metadata={"help": "Version of the packed tensor layout of the saved pack; written by peft-graft."},
@@ -150,6 +166,15 @@ class GraftConfig(PeftConfig):
             _check_positive_int("vocab_size", self.vocab_size)
         if not 0.0 <= self.dropout < 1.0:
             raise GraftConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.base_model_fingerprint is not None and not (
+            isinstance(self.base_model_fingerprint, str) and self.base_model_fingerprint.startswith(FINGERPRINT_PREFIX)
+        ):
+            raise GraftConfigError(
+                f"base_model_fingerprint must be a string starting with {FINGERPRINT_PREFIX!r}, "
+                f"got {self.base_model_fingerprint!r}"
+            )
+        if not isinstance(self.pack_info, dict):
+            raise GraftConfigError(f"pack_info must be a dict, got {type(self.pack_info).__name__}")
         _check_positive_int("format_version", self.format_version)
         if self.format_version > FORMAT_VERSION:
             raise GraftConfigError(

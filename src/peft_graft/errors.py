@@ -37,3 +37,15 @@ class NonFiniteDeltaError(CheckpointError):
 
 class BudgetError(GraftError, ValueError):
     """The requested byte budget cannot be met."""
+
+
+class BaseModelMismatchError(GraftError, ValueError):
+    """A SkillPack is being attached to a base model other than the one it was made for."""
+
+
+class HubError(GraftError):
+    """A SkillPack or router could not be pushed to or pulled from the Hugging Face Hub."""
+
+
+class UnsafePackError(GraftError, ValueError):
+    """A SkillPack or router folder holds something peft-graft refuses to load (pickle, paths leaving the folder)."""

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cards import pack_card, write_card
 from .checkpoint import CheckpointReader
 from .compress import BandSlice, band_slices, top_magnitude_positions
 from .compress.budget import (
@@ -48,6 +49,7 @@ from .compress.svd import factorize, singular_values
 from .config import GraftConfig
 from .errors import BudgetError, CheckpointMismatchError, MissingTensorError, NonFiniteDeltaError
 from .pack_format import decode_lowrank, decode_values, encode_lowrank, sparse_tensors, tensors_nbytes
+from .provenance import base_parameters, fingerprint_checkpoint
 from .roles import ModuleSpec, decoder_layers, meta_model, module_specs, tied_output_embedding
 
 REPORT_FILE = "graft_report.json"
@@ -180,6 +182,7 @@ def extract_skillpack(
     batch_size: int = 8,
     overwrite: bool = False,
     progress: bool = True,
+    skill: str | None = None,
 ) -> ExtractionReport:
     """Compress a fine-tune's delta against its base into a SkillPack folder that loads with ``PeftModel``.
 
@@ -194,6 +197,7 @@ def extract_skillpack(
         allow_pickle: read ``.bin`` checkpoints (pickle can run code; only for sources you trust).
         act_order, damp: GPTQ options.
         calibration_samples, calibration_length, batch_size: how much calibration text is used, and how.
+        skill: a short description of what the fine-tune learned, for the pack's model card.
     """
     started = time.perf_counter()
     config = config if config is not None else GraftConfig()
@@ -243,6 +247,16 @@ def extract_skillpack(
         for key, tensor in item.tensors.items()
     }
     pack_config = _pack_config(config, compressed, base_reader, grown_rows, tied_head)
+    pack_config.base_model_fingerprint = fingerprint_checkpoint(base_reader, base_parameters(architecture))
+    pack_config.pack_info = {
+        **config.pack_info,
+        "skill": skill or config.pack_info.get("skill"),
+        "finetuned": finetuned_reader.source,
+        "finetuned_revision": finetuned_reader.commit or finetuned_revision,
+        "calibrated": bool(texts),
+        "budget": budget,
+        "fp16_delta_bytes": fp16_delta_bytes,
+    }
     report = ExtractionReport(
         base=str(base),
         finetuned=str(finetuned),
@@ -744,7 +758,7 @@ def _pack_config(config, compressed, base_reader, grown_rows, tied_head) -> Graf
         rank_pattern=dict(sorted(lowrank.items())),
         density_pattern={name: float(density) for name, density in sorted(sparse.items())},
         base_model_name_or_path=base_reader.source,
-        revision=base_reader.revision,
+        revision=base_reader.commit or base_reader.revision,
         task_type=config.task_type or "CAUSAL_LM",
         inference_mode=True,
         vocab_size=vocab,
@@ -770,6 +784,7 @@ def _write_pack(
         for file in files:
             shutil.copy2(file, staging / file.name)
         (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_card(pack_card(staging, repo_id=output_dir.name), staging)
         if output_dir.exists():
             if not overwrite:
                 raise FileExistsError(f"{output_dir} appeared while extracting; nothing was overwritten")

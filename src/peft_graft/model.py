@@ -18,6 +18,7 @@ from .config import GraftConfig
 from .errors import PackFormatError
 from .layer import BASE_ADAPTER, ROW_ADAPTERS, GraftEmbedding, GraftLayer, GraftLinear, GraftNorm
 from .pack_format import PackingPolicy
+from .provenance import BASE_ROWS_ATTRIBUTE, fingerprint_model, verify_base
 
 # Every per-adapter tensor a GRAFT layer holds in its state dict.
 _STATE_TENSORS = (*GraftLayer.adapter_layer_names, "graft_indices")
@@ -128,6 +129,11 @@ class GraftModel(BaseTuner):
             peft_config.target_modules = kept | {embedding}
 
     def _prepare_model(self, peft_config: GraftConfig, model: nn.Module) -> None:
+        # Runs before any module is replaced, so a refused pack leaves the base untouched.
+        base_name = peft_config.base_model_name_or_path
+        if base_name and peft_config.revision:
+            base_name = f"{base_name}@{peft_config.revision}"
+        verify_base(model, peft_config.base_model_fingerprint, base_name, pack="This SkillPack")
         # A pack made from a fine-tune that added tokens needs the base's vocabulary grown first.
         if peft_config.vocab_size is not None:
             grow_vocabulary(model, peft_config.vocab_size)
@@ -203,6 +209,9 @@ class GraftModel(BaseTuner):
             state_dict=state_dict,
             unwanted_adapter_names=unwanted_adapter_names,
         )
+        if config.base_model_fingerprint is None:
+            # a pack trained with get_peft_model records the base it was trained on
+            config.base_model_fingerprint = fingerprint_model(model)
         policy = PackingPolicy.from_config(config)
         for module_name, layer in _graft_layers(model):
             floats = {}
@@ -293,7 +302,10 @@ def grow_vocabulary(model: nn.Module, vocab_size: int) -> None:
 def _grown(parameter: nn.Parameter, rows: int) -> nn.Parameter:
     data = parameter.data
     padding = data.new_zeros(rows - data.shape[0], *data.shape[1:])
-    return nn.Parameter(torch.cat([data, padding]), requires_grad=parameter.requires_grad)
+    grown = nn.Parameter(torch.cat([data, padding]), requires_grad=parameter.requires_grad)
+    # the base fingerprint covers the rows the base had before any pack grew it
+    setattr(grown, BASE_ROWS_ATTRIBUTE, getattr(parameter, BASE_ROWS_ATTRIBUTE, data.shape[0]))
+    return grown
 
 
 def _graft_layers(model: nn.Module) -> Iterator[tuple[str, GraftLayer]]:

@@ -23,7 +23,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .cards import CARD_FILE, router_card, write_card
+from .errors import UnsafePackError
+from .hub import PACK_FILES, check_pack_folder, commit_of, hub_errors, pull_pack, upload_files
 from .layer import BASE_ADAPTER
+from .provenance import allow_base_mismatch
 from .router import BaseModelEmbedder, GraftRouter, ManualRouter, QueryEmbedder, RoutingError
 
 ROUTER_CONFIG = "router_config.json"
@@ -34,32 +38,58 @@ _PACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 @dataclass(frozen=True)
 class PackSource:
-    """Where a pack comes from: a local folder, or a Hub repo id at a revision."""
+    """Where a pack comes from: a local folder, or a Hub repo id at a revision (pinned to `commit` once pulled)."""
 
     location: str
     revision: str | None = None
+    commit: str | None = None
 
     @property
     def is_local(self) -> bool:
         return Path(self.location).expanduser().is_dir()
 
     def to_json(self, router_dir: Path) -> dict[str, Any]:
+        """Hub packs by repo id, revision and commit; local packs by their path inside the router folder."""
         if not self.is_local:
-            return {"repo_id": self.location, "revision": self.revision}
+            return {"repo_id": self.location, "revision": self.revision, "commit": self.commit}
         path = Path(self.location).expanduser().resolve()
-        try:  # a pack inside the router folder is stored relative to it, so the folder can move
-            return {"path": str(path.relative_to(router_dir.resolve()))}
-        except ValueError:
-            return {"path": str(path)}
+        return {"path": path.relative_to(router_dir.resolve()).as_posix()}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], router_dir: Path) -> PackSource:
+        if not isinstance(data, Mapping):
+            raise RoutingError(f"{ROUTER_CONFIG}: a pack source must be an object, got {data!r}")
         if "repo_id" in data:
-            return cls(str(data["repo_id"]), data.get("revision"))
+            from huggingface_hub.errors import HFValidationError
+            from huggingface_hub.utils import validate_repo_id
+
+            try:
+                validate_repo_id(str(data["repo_id"]))
+            except HFValidationError as error:
+                raise RoutingError(f"{ROUTER_CONFIG}: invalid pack repo id {data['repo_id']!r} ({error})") from None
+            return cls(str(data["repo_id"]), data.get("revision"), data.get("commit"))
         if "path" in data:
-            path = Path(data["path"])
-            return cls(str(path if path.is_absolute() else router_dir / path))
+            return cls(str(_inside(router_dir, str(data["path"]))))
         raise RoutingError(f"a pack source needs 'path' or 'repo_id', got {dict(data)}")
+
+    def folder(self, token: str | bool | None = None) -> Path:
+        """The pack's local folder, downloading it first (at its pinned commit, if any) when it is on the Hub."""
+        if self.is_local:
+            return check_pack_folder(Path(self.location).expanduser())
+        return pull_pack(self.location, revision=self.commit or self.revision, token=token)
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """`relative` under `root`, refusing absolute paths and paths that leave `root`."""
+    path = Path(relative)
+    if path.is_absolute() or relative.startswith("~"):
+        raise UnsafePackError(
+            f"{ROUTER_CONFIG}: pack path {relative!r} is absolute; paths must stay in the router folder"
+        )
+    resolved = (root / path).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise UnsafePackError(f"{ROUTER_CONFIG}: pack path {relative!r} leaves the router folder")
+    return resolved
 
 
 class RoutedGraftModel:
@@ -101,24 +131,32 @@ class RoutedGraftModel:
         base_model,
         packs: Mapping[str, str | os.PathLike | PackSource],
         tokenizer,
+        *,
+        force: bool = False,
+        token: str | bool | None = None,
         **options: Any,
     ) -> RoutedGraftModel:
-        """Load `packs` ({name: folder, Hub repo id or PackSource}) onto `base_model` as named adapters."""
+        """Load `packs` ({name: folder, Hub repo id or PackSource}) onto `base_model` as named adapters.
+
+        Every pack is checked (and Hub packs downloaded) before the first one is attached: the packs must share one
+        base fingerprint, and attaching verifies it against `base_model`. `force=True` attaches to another base with
+        a warning instead.
+        """
         from peft import PeftModel
 
         if not packs:
             raise RoutingError("from_packs needs at least one pack")
         sources = {name: _as_source(source) for name, source in packs.items()}
-        for name, source in sources.items():
-            _check_pack(name, source, tokenizer)
+        folders = {name: _pack_folder(name, source, tokenizer, token) for name, source in sources.items()}
+        sources = {name: _pinned(source, folders[name]) for name, source in sources.items()}
+        _check_one_base(folders)
         model = None
-        for name, source in sources.items():
-            if model is None:
-                model = PeftModel.from_pretrained(
-                    base_model, source.location, adapter_name=name, revision=source.revision
-                )
-            else:
-                model.load_adapter(source.location, adapter_name=name, revision=source.revision)
+        with allow_base_mismatch() if force else contextlib.nullcontext():
+            for name, folder in folders.items():
+                if model is None:
+                    model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=name)
+                else:
+                    model.load_adapter(str(folder), adapter_name=name)
         _check_same_base(model)
         return cls(model, tokenizer, sources, **options)
 
@@ -126,15 +164,34 @@ class RoutedGraftModel:
     def labels(self) -> list[str]:
         return list(self.sources)
 
-    def add_pack(self, name: str, source: str | os.PathLike | PackSource) -> None:
+    @property
+    def base_fingerprint(self) -> str | None:
+        """The base-model fingerprint the loaded packs record (None for packs that record none)."""
+        return next(
+            (c.base_model_fingerprint for c in self.model.peft_config.values() if c.base_model_fingerprint), None
+        )
+
+    def add_pack(
+        self,
+        name: str,
+        source: str | os.PathLike | PackSource,
+        *,
+        force: bool = False,
+        token: str | bool | None = None,
+    ) -> None:
         """Load another pack; the base and the other packs are untouched. Refit the router to route to it."""
         if name in self.sources:
             raise RoutingError(f"a pack named {name!r} is already loaded")
         source = _as_source(source)
-        _check_pack(name, source, self.tokenizer)
+        folder = _pack_folder(name, source, self.tokenizer, token)
+        _check_one_base({**{n: None for n in self.sources}, name: folder}, known=self.base_fingerprint)
         with self._merge_lock:
-            self.model.load_adapter(source.location, adapter_name=name, revision=source.revision)
-            self.sources[name] = source
+            if self._merged_pack is not None:  # attaching checks the base weights, which must be unmerged
+                self.model.unmerge_adapter()
+                self._merged_pack = None
+            with allow_base_mismatch() if force else contextlib.nullcontext():
+                self.model.load_adapter(str(folder), adapter_name=name)
+            self.sources[name] = _pinned(source, folder)
             self.model.eval()
         if self.router is not None:
             self.router = _with_label(self.router, name)
@@ -275,33 +332,84 @@ class RoutedGraftModel:
     # ----- persistence -------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``router_config.json`` (pack sources, embedder, threshold, labels) and ``router.safetensors``."""
+        """Write ``router_config.json`` (pack sources, embedder, threshold, labels), ``router.safetensors`` and a
+        model card. Local packs outside `directory` are copied into ``directory/packs/<name>`` so that the router
+        folder is self-contained (it can move, or be pushed); Hub packs are referenced by repo id and commit."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        spec = getattr(self.embedder, "spec", None) or {"type": "custom", "name": type(self.embedder).__name__}
-        manual = self.manual.assignment if self.manual is not None else None
-        config = {
-            "format_version": ROUTER_FORMAT_VERSION,
-            "labels": self.labels,
-            "packs": {name: source.to_json(directory) for name, source in self.sources.items()},
-            "embedder": spec,
-            "threshold": self.threshold,
-            "router": self.router.config() if self.router is not None else None,
-            "manual": dict(manual) if isinstance(manual, Mapping) else None,
-            "base_model_name_or_path": getattr(getattr(self.model, "config", None), "name_or_path", None) or None,
-        }
         staging = Path(tempfile.mkdtemp(prefix=".router.", dir=directory))
         try:
+            packs: dict[str, dict[str, Any]] = {}
+            copied = []
+            for name, source in self.sources.items():
+                location = Path(source.location).expanduser().resolve() if source.is_local else None
+                if location is not None and not location.is_relative_to(directory.resolve()):
+                    _copy_pack(location, staging / "packs" / name)
+                    copied.append(name)
+                    packs[name] = {"path": f"packs/{name}"}
+                else:
+                    packs[name] = source.to_json(directory)
+            config = self._config(packs)
             if self.router is not None:
                 save_file({k: v.contiguous() for k, v in self.router.state_dict().items()}, staging / ROUTER_WEIGHTS)
             (staging / ROUTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            for name in (ROUTER_WEIGHTS, ROUTER_CONFIG):
+            write_card(router_card(config, repo_id=directory.resolve().name), staging)
+            for name in copied:
+                target = directory / "packs" / name
+                target.parent.mkdir(exist_ok=True)
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(staging / "packs" / name, target)
+            for name in (ROUTER_WEIGHTS, CARD_FILE, ROUTER_CONFIG):
                 if (staging / name).exists():
                     os.replace(staging / name, directory / name)
                 elif (directory / name).exists():
                     (directory / name).unlink()  # a router saved before training has no weights
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _config(self, packs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        spec = getattr(self.embedder, "spec", None) or {"type": "custom", "name": type(self.embedder).__name__}
+        manual = self.manual.assignment if self.manual is not None else None
+        return {
+            "format_version": ROUTER_FORMAT_VERSION,
+            "labels": self.labels,
+            "packs": packs,
+            "embedder": spec,
+            "threshold": self.threshold,
+            "router": self.router.config() if self.router is not None else None,
+            "manual": dict(manual) if isinstance(manual, Mapping) else None,
+            "base_model_name_or_path": getattr(getattr(self.model, "config", None), "name_or_path", None) or None,
+            "base_model_fingerprint": self.base_fingerprint,
+        }
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        tag: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ) -> str:
+        """Upload the router (config, weights, card, and its local packs under ``packs/``) as one commit.
+
+        Packs that came from the Hub stay references (repo id + commit). Returns the commit id.
+        """
+        with tempfile.TemporaryDirectory(prefix="graft-router-") as folder:
+            self.save_pretrained(folder)
+            return push_router_folder(
+                folder,
+                repo_id,
+                revision=revision,
+                tag=tag,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+                create_pr=create_pr,
+            )
 
     @classmethod
     def from_pretrained(
@@ -311,15 +419,17 @@ class RoutedGraftModel:
         tokenizer=None,
         *,
         embedder: QueryEmbedder | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        force: bool = False,
         **options: Any,
     ) -> RoutedGraftModel:
-        """Rebuild a router saved with :meth:`save_pretrained`: load its packs onto `base_model` and its weights."""
-        directory = Path(directory)
-        if not (directory / ROUTER_CONFIG).is_file():
-            raise RoutingError(f"{directory} has no {ROUTER_CONFIG}")
-        config = json.loads((directory / ROUTER_CONFIG).read_text(encoding="utf-8"))
-        if config.get("format_version", 0) > ROUTER_FORMAT_VERSION:
-            raise RoutingError(f"{directory} was saved by a newer peft-graft; upgrade to load it")
+        """Rebuild a router saved with :meth:`save_pretrained` or pushed with :meth:`push_to_hub` (a folder or a
+        Hub repo id): load its packs onto `base_model` (pulling them from the Hub as needed) and its weights."""
+        folder = Path(directory).expanduser()
+        if not folder.is_dir():
+            folder = pull_router(str(directory), revision=revision, token=token)
+        config = _read_router_config(folder)
         if tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -330,13 +440,16 @@ class RoutedGraftModel:
                 f"this router was trained with a custom embedder ({spec.get('name', 'unknown')}); pass the same "
                 "embedder=... to from_pretrained"
             )
-        if sorted(config["packs"]) != sorted(config["labels"]):
-            raise RoutingError(
-                f"{ROUTER_CONFIG}: the labels {config['labels']} do not match the packs {list(config['packs'])}"
-            )
-        sources = {name: PackSource.from_json(config["packs"][name], directory) for name in config["labels"]}
+        sources = {name: PackSource.from_json(config["packs"][name], folder) for name in config["labels"]}
         routed = cls.from_packs(
-            base_model, sources, tokenizer, threshold=config.get("threshold"), manual=config.get("manual"), **options
+            base_model,
+            sources,
+            tokenizer,
+            threshold=config.get("threshold"),
+            manual=config.get("manual"),
+            force=force,
+            token=token,
+            **options,
         )
         if embedder is not None:
             routed.embedder = embedder
@@ -344,9 +457,128 @@ class RoutedGraftModel:
             routed.embedder.max_length = int(spec["max_length"])
         if config.get("router") is not None:
             router = GraftRouter(**config["router"])
-            router.load_state_dict(load_file(directory / ROUTER_WEIGHTS))
+            router.load_state_dict(load_file(folder / ROUTER_WEIGHTS))
             routed.router = router.eval()
         return routed
+
+
+def push_router_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    tag: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+) -> str:
+    """Upload a saved router folder (config, weights, card, packs under ``packs/``) as one commit; returns its id."""
+    root = Path(folder).resolve()
+    config = _read_router_config(root)
+    files = [root / ROUTER_CONFIG] + ([root / ROUTER_WEIGHTS] if (root / ROUTER_WEIGHTS).is_file() else [])
+    for source in config["packs"].values():
+        if "path" in source:
+            pack = check_pack_folder(_inside(root, source["path"]))
+            files += [pack / name for name in PACK_FILES if (pack / name).is_file()]
+    card = str(router_card(config, repo_id=repo_id)).encode("utf-8")
+    return upload_files(
+        repo_id,
+        files,
+        {CARD_FILE: card},
+        root=root,
+        revision=revision,
+        tag=tag,
+        private=private,
+        token=token,
+        commit_message=commit_message or "Upload SkillPack router with peft-graft",
+        create_pr=create_pr,
+    )
+
+
+def pull_router(
+    repo_id: str,
+    local_dir: str | os.PathLike | None = None,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """Download a router (config, weights, card and the packs stored with it) and validate it; returns its folder.
+    Packs it references on the Hub are downloaded when the router is loaded."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise RoutingError(f"{repo_id} is neither a router folder nor a Hub repo id") from None
+    patterns = [ROUTER_CONFIG, ROUTER_WEIGHTS, CARD_FILE, *(f"packs/*/{name}" for name in PACK_FILES)]
+    with hub_errors("pull the router", repo_id, revision):
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns, local_dir=local_dir)
+        )
+    config = _read_router_config(folder)
+    for source in config["packs"].values():
+        if "path" in source:
+            check_pack_folder(_inside(folder, source["path"]))
+    return folder
+
+
+def _read_router_config(folder: Path) -> dict[str, Any]:
+    """router_config.json, validated: names, sources (paths must stay inside the folder), threshold, router shape."""
+    file = folder / ROUTER_CONFIG
+    if not file.is_file():
+        raise RoutingError(f"{folder} has no {ROUTER_CONFIG}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RoutingError(f"{file} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise RoutingError(f"{file} must hold a JSON object")
+    version = config.get("format_version", 0)
+    if not isinstance(version, int) or version > ROUTER_FORMAT_VERSION:
+        raise RoutingError(f"{folder} was saved by a newer peft-graft (format {version!r}); upgrade to load it")
+    labels, packs = config.get("labels"), config.get("packs")
+    if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+        raise RoutingError(f"{ROUTER_CONFIG}: 'labels' must be a non-empty list of pack names")
+    for label in labels:
+        _check_name(label)
+    if len(set(labels)) != len(labels):
+        raise RoutingError(f"{ROUTER_CONFIG}: labels repeat: {labels}")
+    if not isinstance(packs, dict) or sorted(packs) != sorted(labels):
+        raise RoutingError(f"{ROUTER_CONFIG}: the labels {labels} do not match the packs {list(packs or [])}")
+    for source in packs.values():
+        PackSource.from_json(source, folder)  # refuses paths leaving the folder
+    threshold = config.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise RoutingError(f"{ROUTER_CONFIG}: threshold must be a number or null, got {threshold!r}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise RoutingError(f"{ROUTER_CONFIG}: threshold must be in [0, 1], got {threshold}")
+    router = config.get("router")
+    if router is not None:
+        if not isinstance(router, dict) or router.get("labels") != labels:
+            raise RoutingError(f"{ROUTER_CONFIG}: the router's labels must be {labels}")
+        for key in ("embedding_dim", "hidden_size"):
+            value = router.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RoutingError(f"{ROUTER_CONFIG}: router.{key} must be a positive integer, got {value!r}")
+        if not (folder / ROUTER_WEIGHTS).is_file():
+            raise RoutingError(f"{folder} has a trained router in {ROUTER_CONFIG} but no {ROUTER_WEIGHTS}")
+    manual = config.get("manual")
+    if manual is not None and not (
+        isinstance(manual, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in manual.items())
+    ):
+        raise RoutingError(f"{ROUTER_CONFIG}: 'manual' must map task types to pack names")
+    return config
+
+
+def _copy_pack(source: Path, target: Path) -> None:
+    """Copy a pack's own files (nothing else from its folder)."""
+    target.mkdir(parents=True)
+    for name in PACK_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
 
 
 def _as_source(source: str | os.PathLike | PackSource) -> PackSource:
@@ -357,36 +589,70 @@ def _as_source(source: str | os.PathLike | PackSource) -> PackSource:
     return PackSource(str(path.resolve()) if path.is_dir() else location)
 
 
-def _check_pack(name: str, source: PackSource, tokenizer) -> None:
-    """Clear errors for bad names, missing local packs, and packs whose tokenizer differs from the router's."""
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or name == BASE_ADAPTER or not _PACK_NAME.match(name):
+        raise RoutingError(f"invalid pack name {name!r}: use letters, digits, '_' or '-', starting with a letter")
+
+
+def _pack_folder(name: str, source: PackSource, tokenizer, token: str | bool | None) -> Path:
+    """The validated local folder of a pack (downloaded if it is on the Hub); clear errors for bad names, missing
+    packs, and packs whose tokenizer differs from the router's."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    if name == BASE_ADAPTER or not _PACK_NAME.match(name):
-        raise RoutingError(f"invalid pack name {name!r}: use letters, digits, '_' or '-', starting with a letter")
+    _check_name(name)
     if not source.is_local:
+        if Path(source.location).expanduser().exists() or source.location.startswith(("/", ".", "~")):
+            raise RoutingError(f"pack {name!r} not found: {source.location} is not a pack folder")
         try:
             validate_repo_id(source.location)
         except HFValidationError:
             raise RoutingError(
                 f"pack {name!r} not found: {source.location} is neither a folder nor a Hub repo id"
             ) from None
-        return
-    if (Path(source.location) / "tokenizer_config.json").is_file():
+    folder = source.folder(token)
+    if (folder / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        pack_tokenizer = AutoTokenizer.from_pretrained(source.location)
+        pack_tokenizer = AutoTokenizer.from_pretrained(folder)
         if len(pack_tokenizer) != len(tokenizer):
             raise RoutingError(
                 f"pack {name!r} carries a tokenizer of {len(pack_tokenizer)} tokens but the router's has "
                 f"{len(tokenizer)}; use the pack's tokenizer (it extends the base vocabulary) for all packs"
             )
+    return folder
+
+
+def _pinned(source: PackSource, folder: Path) -> PackSource:
+    """A Hub source with the commit it was downloaded at, so a saved router reloads exactly these packs."""
+    if source.is_local:
+        return source
+    return PackSource(source.location, source.revision, commit_of(folder) or source.commit)
+
+
+def _check_one_base(folders: Mapping[str, Path | None], known: str | None = None) -> None:
+    """All packs must record the same base fingerprint (those that record one)."""
+    recorded = {}
+    for name, folder in folders.items():
+        if folder is None:
+            continue
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        if config.get("base_model_fingerprint"):
+            recorded[name] = (config["base_model_fingerprint"], config.get("base_model_name_or_path"))
+    fingerprints = {fingerprint for fingerprint, _ in recorded.values()} | ({known} if known else set())
+    if len(fingerprints) > 1:
+        described = "; ".join(f"{name}: {base} ({fp})" for name, (fp, base) in recorded.items())
+        if known:
+            described += f"; loaded packs: {known}"
+        raise RoutingError(f"the packs were made for different base models ({described}); one router needs one base")
 
 
 def _check_same_base(model) -> None:
-    """Packs must all record the base model they are loaded onto (when both are known)."""
+    """Packs without a fingerprint must at least record the base model path they are loaded onto (when known)."""
     loaded = getattr(model.get_base_model().config, "name_or_path", "") or ""
     for name, config in model.peft_config.items():
+        if config.base_model_fingerprint:
+            continue  # verified against the weights on attach
         recorded = config.base_model_name_or_path or ""
         if loaded and recorded and not _same_location(recorded, loaded):
             raise RoutingError(

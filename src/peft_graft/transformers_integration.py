@@ -79,7 +79,8 @@ def _load_graft_adapter(
 ):
     from peft import inject_adapter_in_model, set_peft_model_state_dict
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import load_peft_weights
+
+    from .hub import load_pack_weights
 
     adapter_name = adapter_name or "default"
     if hotswap is True:
@@ -89,7 +90,7 @@ def _load_graft_adapter(
     if adapter_state_dict is None:
         if peft_model_id is None:
             raise ValueError("pass peft_model_id, or peft_config together with adapter_state_dict")
-        adapter_state_dict = load_peft_weights(peft_model_id, **_download_kwargs(kwargs))
+        adapter_state_dict = load_pack_weights(peft_model_id, **_download_kwargs(kwargs))
     config.inference_mode = not is_trainable
     inject_adapter_in_model(config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     result = set_peft_model_state_dict(model, adapter_state_dict, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
