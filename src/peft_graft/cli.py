@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--message", help="commit message")
     push.add_argument("--token")
 
+    export = commands.add_parser("export", help="write a pack as a standard PEFT LoRA adapter (vLLM, LoRAX, TGI)")
+    export.add_argument("--to", choices=["lora"], default="lora", help="target format")
+    export.add_argument("pack", help="pack folder")
+    export.add_argument("output", help="LoRA adapter folder to create")
+    export.add_argument("--base", help="base model folder: with --merged-base, merge the deltas LoRA cannot hold")
+    export.add_argument("--merged-base", help="where to save the base with those deltas merged in")
+    export.add_argument(
+        "--merged-dtype", choices=["bfloat16", "float16", "float32"], help="merged base dtype (default: the base's)"
+    )
+    export.add_argument("--overwrite", action="store_true")
+
     pull = commands.add_parser("pull", help="download a pack or router from the Hub into a folder")
     pull.add_argument("repo_id")
     pull.add_argument("folder", help="where to put it")
@@ -67,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        handler = {"extract": _extract, "inspect": _inspect, "push": _push, "pull": _pull}[args.command]
+        handlers = {"extract": _extract, "inspect": _inspect, "push": _push, "pull": _pull, "export": _export}
+        handler = handlers[args.command]
         return handler(args)
     except (GraftError, FileExistsError, FileNotFoundError) as error:
         print(f"peft-graft: error: {error}", file=sys.stderr)
@@ -143,6 +155,26 @@ def _pull(args: argparse.Namespace) -> int:
     else:
         folder = pull_pack(args.repo_id, args.folder, revision=args.revision, token=args.token)
     print(f"pulled {args.repo_id} into {folder}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_lora
+
+    if (args.base is None) != (args.merged_base is None):
+        print("peft-graft: error: --base and --merged-base go together", file=sys.stderr)
+        return 2
+    import torch
+
+    report = export_lora(
+        args.pack,
+        args.output,
+        base=args.base,
+        merged_base_dir=args.merged_base,
+        merged_dtype=getattr(torch, args.merged_dtype) if args.merged_dtype else None,
+        overwrite=args.overwrite,
+    )
+    print(report.summary())
     return 0
 
 

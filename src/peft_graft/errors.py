@@ -49,3 +49,7 @@ class HubError(GraftError):
 
 class UnsafePackError(GraftError, ValueError):
     """A SkillPack or router folder holds something peft-graft refuses to load (pickle, paths leaving the folder)."""
+
+
+class ExportError(GraftError, ValueError):
+    """A SkillPack cannot be exported in the requested format as asked."""

@@ -19,7 +19,6 @@ import math
 import os
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import write_folder
 from .cards import pack_card, write_card
 from .checkpoint import CheckpointReader
 from .compress import BandSlice, band_slices, top_magnitude_positions
@@ -769,10 +769,9 @@ def _pack_config(config, compressed, base_reader, grown_rows, tied_head) -> Graf
 def _write_pack(
     output_dir: Path, tensors, config: GraftConfig, report: ExtractionReport, files, overwrite, max_bytes
 ) -> None:
-    """Write into a temporary sibling folder and rename it into place, so no partial pack ever looks valid."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
-    try:
+    """Write the pack atomically, so no partial pack ever looks valid."""
+
+    def write(staging: Path) -> None:
         save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         report.pack_bytes = (staging / ADAPTER_WEIGHTS).stat().st_size
         if max_bytes is not None and report.pack_bytes > max_bytes:
@@ -785,18 +784,8 @@ def _write_pack(
             shutil.copy2(file, staging / file.name)
         (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         write_card(pack_card(staging, repo_id=output_dir.name), staging)
-        if output_dir.exists():
-            if not overwrite:
-                raise FileExistsError(f"{output_dir} appeared while extracting; nothing was overwritten")
-            retired = output_dir.with_name(f".{output_dir.name}.replaced")
-            os.replace(output_dir, retired)
-            os.replace(staging, output_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_folder(output_dir, write, overwrite=overwrite)
 
 
 def _relative(reference: torch.Tensor, approximation: torch.Tensor) -> float:

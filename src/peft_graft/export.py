@@ -1,0 +1,167 @@
+"""Export a SkillPack as a standard PEFT LoRA adapter, for servers that batch LoRAs (vLLM, LoRAX, TGI).
+
+Each low-rank module ``Δ = U·diag(S)·Vᵀ`` becomes ``lora_A = Vᵀ`` and ``lora_B = U·diag(S)`` at the module's own rank,
+with ``lora_alpha = r`` so the LoRA scaling is 1: the exported adapter computes the dequantized pack delta exactly.
+The other parts of a pack (sparse embedding / ``lm_head`` deltas, dense deltas, norm and bias deltas) have no LoRA
+form those servers accept: they are dropped with a warning, or, given the base model, merged into a copy of it that
+the LoRA is then served on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import write_folder
+from .errors import ExportError
+from .hub import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_pack_folder
+from .pack_format import decode_lowrank
+
+logger = logging.getLogger(__name__)
+
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraExport:
+    """What :func:`export_lora` wrote."""
+
+    output_dir: str
+    lora_modules: list[str] = field(default_factory=list)
+    ranks: dict[str, int] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)
+    merged_base_dir: str | None = None
+
+    def summary(self) -> str:
+        lines = [
+            f"LoRA adapter: {len(self.lora_modules)} modules, ranks {min(self.ranks.values(), default=0)}"
+            f"-{max(self.ranks.values(), default=0)} -> {self.output_dir}"
+        ]
+        if self.merged:
+            lines.append(f"merged into {self.merged_base_dir}: {', '.join(self.merged)}")
+        if self.dropped:
+            lines.append(f"dropped (no LoRA form): {', '.join(self.dropped)}")
+        return "\n".join(lines)
+
+
+def export_lora(
+    pack: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    merged_base_dir: str | os.PathLike | None = None,
+    merged_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> LoraExport:
+    """Write the pack's low-rank deltas as a PEFT LoRA adapter in `output_dir`.
+
+    With `base` and `merged_base_dir`, the pack's other deltas are merged into a copy of the base saved in
+    `merged_base_dir` (serve the LoRA on that copy), in `merged_dtype` (default: the base's own dtype, which rounds
+    the merged weights to it); without them, those deltas are dropped with a warning.
+    """
+    pack = check_pack_folder(pack)
+    output_dir = Path(output_dir)
+    if (base is None) != (merged_base_dir is None):
+        raise ExportError("pass both base= and merged_base_dir= to merge the non-LoRA deltas, or neither to drop them")
+    for target in (output_dir, Path(merged_base_dir) if merged_base_dir else None):
+        if target is not None and target.exists() and not overwrite:
+            raise FileExistsError(f"{target} already exists; choose another folder or pass overwrite=True")
+    config = json.loads((pack / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(pack / ADAPTER_WEIGHTS).items():
+        position = key.find(".graft_")
+        module = key[:position].removeprefix(_PEFT_PREFIX)
+        by_module.setdefault(module, {})[key[position + 1 :]] = tensor
+
+    lora: dict[str, torch.Tensor] = {}
+    report = LoraExport(str(output_dir))
+    for module, tensors in sorted(by_module.items()):
+        lowrank = {k: t for k, t in tensors.items() if k != "graft_bias"}
+        if "graft_S" not in lowrank:
+            report.dropped.append(module)
+            continue
+        u, s, v = decode_lowrank(lowrank, torch.float32)
+        lora[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = v.T.contiguous()
+        lora[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = (u * s).contiguous()
+        report.lora_modules.append(module)
+        report.ranks[module] = int(s.shape[0])
+        if "graft_bias" in tensors:
+            report.dropped.append(f"{module} (bias)")
+    if not lora:
+        raise ExportError(f"{pack} has no low-rank deltas: there is nothing to export as LoRA")
+
+    if merged_base_dir is not None:
+        report.merged, report.dropped = report.dropped, []
+        report.merged_base_dir = str(merged_base_dir)
+        _write_merged_base(pack, Path(base), Path(merged_base_dir), set(report.lora_modules), merged_dtype, overwrite)
+    elif report.dropped:
+        logger.warning(
+            "LoRA has no form for these deltas of %s, so the export drops them: %s. The exported adapter reproduces "
+            "the pack only without them; pass base= and merged_base_dir= (--base / --merged-base) to merge them into "
+            "a copy of the base instead.",
+            pack,
+            ", ".join(report.dropped),
+        )
+
+    _write_lora(output_dir, lora, config, report, overwrite)
+    return report
+
+
+def _write_lora(output_dir: Path, tensors, pack_config: dict, report: LoraExport, overwrite: bool) -> None:
+    from peft import LoraConfig
+
+    ranks = report.ranks
+    rank = max(ranks.values())
+    lora_config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(ranks),
+        rank_pattern={m: r for m, r in ranks.items() if r != rank},
+        alpha_pattern={m: r for m, r in ranks.items() if r != rank},
+        lora_dropout=0.0,
+        bias="none",
+        task_type=pack_config.get("task_type") or "CAUSAL_LM",
+        base_model_name_or_path=report.merged_base_dir or pack_config.get("base_model_name_or_path"),
+        revision=None if report.merged_base_dir else pack_config.get("revision"),
+        inference_mode=True,
+    )
+
+    def write(staging: Path) -> None:
+        save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        lora_config.save_pretrained(str(staging))
+
+    write_folder(output_dir, write, overwrite=overwrite)
+
+
+def _write_merged_base(pack: Path, base: Path, target: Path, lowrank: set[str], dtype, overwrite: bool) -> None:
+    """The base with every non-low-rank delta of the pack merged in (vocabulary grown if the pack adds tokens)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .layer import GraftLayer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    dtype = dtype or next(model.parameters()).dtype
+    peft_model = PeftModel.from_pretrained(model.float(), str(pack))
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, GraftLayer) and name not in lowrank and not module.graft_tied:
+            module.merge()
+    merged = peft_model.unload().to(dtype)
+    tokenizer_source = pack if (pack / "tokenizer_config.json").is_file() else base
+
+    def write(staging: Path) -> None:
+        merged.save_pretrained(staging)
+        if (Path(tokenizer_source) / "tokenizer_config.json").is_file():
+            AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(staging)
+
+    write_folder(target, write, overwrite=overwrite)
+
+
+__all__ = ["LoraExport", "export_lora"]
