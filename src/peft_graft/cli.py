@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -67,6 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true")
 
+    evaluate = commands.add_parser("eval", help="compare base, fine-tune and packs on the same prompts / texts")
+    evaluate.add_argument("--base", required=True, help="base model folder")
+    evaluate.add_argument("--finetuned", help="full fine-tune folder (for retention)")
+    evaluate.add_argument("--pack", action="append", default=[], help="pack folder (repeatable)")
+    evaluate.add_argument("--task", help="reasoning-gym task to score by exact match, e.g. basic_arithmetic")
+    evaluate.add_argument(
+        "--task-options", type=json.loads, default={}, help='task options as JSON, e.g. {"max_digits": 1}'
+    )
+    evaluate.add_argument("--n", type=int, default=100, help="held-out questions")
+    evaluate.add_argument(
+        "--exclude-train",
+        type=int,
+        default=0,
+        help="skip the first N questions of --seed (the fine-tune's training set)",
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the question stream")
+    evaluate.add_argument(
+        "--texts", help="held-out texts for perplexity: .jsonl ({'text': ...}) or .txt (one per line)"
+    )
+    evaluate.add_argument("--max-new-tokens", type=int, default=16)
+    evaluate.add_argument("--json", help="also write the comparison as JSON here")
+    evaluate.add_argument("--record", action="store_true", help="store each pack's scores in its model card")
+
     pull = commands.add_parser("pull", help="download a pack or router from the Hub into a folder")
     pull.add_argument("repo_id")
     pull.add_argument("folder", help="where to put it")
@@ -78,7 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        handlers = {"extract": _extract, "inspect": _inspect, "push": _push, "pull": _pull, "export": _export}
+        handlers = {
+            "extract": _extract,
+            "inspect": _inspect,
+            "push": _push,
+            "pull": _pull,
+            "export": _export,
+            "eval": _evaluate,
+        }
         handler = handlers[args.command]
         return handler(args)
     except (GraftError, FileExistsError, FileNotFoundError) as error:
@@ -175,6 +206,53 @@ def _export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(report.summary())
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import compare, record_in_pack
+    from .extraction import load_texts
+    from .tasks import ReasoningTask
+
+    if not args.task and not args.texts:
+        print("peft-graft: error: give --task and/or --texts", file=sys.stderr)
+        return 2
+
+    def base_model():
+        return AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
+
+    models = {"base": base_model()}
+    if args.finetuned:
+        models["finetuned"] = AutoModelForCausalLM.from_pretrained(args.finetuned, dtype=torch.float32).eval()
+    packs = {Path(pack).name: pack for pack in args.pack}
+    for name, pack in packs.items():
+        models[name] = PeftModel.from_pretrained(base_model(), pack).eval()
+    task = ReasoningTask(args.task, **args.task_options) if args.task else None
+    examples = task.split(args.exclude_train, args.n, seed=args.seed)[1] if task else ()
+    texts = load_texts(args.texts, what="held-out text") if args.texts else ()
+    comparison = compare(
+        models,
+        AutoTokenizer.from_pretrained(args.base),
+        task=task,
+        examples=examples,
+        texts=texts,
+        max_new_tokens=args.max_new_tokens,
+    )
+    print(comparison.table())
+    if args.json:
+        setup = {"task": task.name if task else None, "task_options": task.dataset_options if task else None}
+        setup.update(questions=[example.question for example in examples], texts=len(texts))
+        report = {**setup, **comparison.to_dict()}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.record:
+        for name, pack in packs.items():
+            record_in_pack(pack, comparison, name, args.task or "held-out text")
     return 0
 
 

@@ -221,7 +221,7 @@ def extract_skillpack(
             specs, base_reader, finetuned_reader, config, math.floor(budget * fp16_delta_bytes), grown_rows, progress
         )
 
-    texts = _calibration_texts(calibration, calibration_samples) if calibration is not None else None
+    texts = load_texts(calibration, calibration_samples) if calibration is not None else None
     compressor = _Compressor(base_reader, finetuned_reader, config, plan, grown_rows, act_order, damp)
     if texts:
         compressed = _extract_calibrated(
@@ -724,12 +724,14 @@ def _tokenized_batches(base_folder, finetuned, texts, length, batch_size) -> lis
     return batches
 
 
-def _calibration_texts(calibration, samples: int) -> list[str]:
-    """Calibration texts from a list, a datasets.Dataset (``text`` column) or a .jsonl / .txt path."""
+def load_texts(source, limit: int | None = None, what: str = "calibration") -> list[str]:
+    """Non-empty texts from a list, a datasets.Dataset (``text`` column) or a .jsonl (``{"text": ...}`` per line) /
+    .txt (one text per line) path; at most `limit`."""
+    calibration = source
     if isinstance(calibration, (str, os.PathLike)):
         path = Path(calibration)
         if not path.is_file():
-            raise FileNotFoundError(f"calibration file {path} does not exist")
+            raise FileNotFoundError(f"{what} file {path} does not exist")
         if path.suffix == ".jsonl":
             with open(path, encoding="utf-8") as handle:
                 rows = [json.loads(line) for line in handle if line.strip()]
@@ -738,13 +740,13 @@ def _calibration_texts(calibration, samples: int) -> list[str]:
             texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif hasattr(calibration, "column_names"):
         if "text" not in calibration.column_names:
-            raise ValueError(f"the calibration dataset needs a 'text' column; it has {calibration.column_names}")
+            raise ValueError(f"the {what} dataset needs a 'text' column; it has {calibration.column_names}")
         texts = list(calibration["text"])
     else:
         texts = [str(text) for text in calibration]
-    texts = [text for text in texts if text.strip()][:samples]
+    texts = [text for text in texts if text.strip()][:limit]
     if not texts:
-        raise ValueError("the calibration data holds no text")
+        raise ValueError(f"the {what} data holds no text")
     return texts
 
 
