@@ -34,9 +34,21 @@ def load_metric(name: str):
 
 
 def text_nll(
-    model, tokenizer, texts: Sequence[str], *, max_length: int = 512, batch_size: int = 8, adapter_names=None
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    prompts: Sequence[str] | None = None,
+    max_length: int = 512,
+    batch_size: int = 8,
+    adapter_names=None,
 ) -> tuple[list[float], list[int]]:
-    """Summed next-token negative log-likelihood (nats) and predicted-token count of each text."""
+    """Summed next-token negative log-likelihood (nats) and predicted-token count of each text.
+
+    With `prompts` (each a prefix of its text), only the tokens after the prompt count: the loss of the answers.
+    """
+    if prompts is not None and len(prompts) != len(texts):
+        raise ValueError(f"got {len(prompts)} prompts for {len(texts)} texts")
     sums, counts = [], []
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
     try:
@@ -53,6 +65,10 @@ def text_nll(
                 logits = model(**batch, **extra).logits.float()
             targets = batch["input_ids"][:, 1:]
             mask = batch["attention_mask"][:, 1:].bool()
+            if prompts is not None:
+                for row, prompt in enumerate(prompts[start : start + batch_size]):
+                    prompt_length = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+                    mask[row, : max(prompt_length - 1, 0)] = False
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
             sums += (losses * mask).sum(dim=1).tolist()
             counts += mask.sum(dim=1).tolist()

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import write_folder
 from .bundled import DEFAULT_MODEL, bundled_model, cache_dir
 from .tasks import Example, ReasoningTask
 
@@ -55,34 +54,51 @@ LEG_COUNTING = SkillRecipe("leg_counting", {"min_animals": 1, "max_animals": 2},
 
 def finetuned_skill(recipe: SkillRecipe = ARITHMETIC, base: str = DEFAULT_MODEL, *, progress: bool = True) -> Path:
     """Folder of the recipe's full fine-tune of a bundled base model, trained on first use and cached."""
+    return sequential_finetune([recipe], base, progress=progress)
+
+
+def sequential_finetune(recipes: Sequence[SkillRecipe], base: str = DEFAULT_MODEL, *, progress: bool = True) -> Path:
+    """The bundled base fully fine-tuned on each recipe in turn, every step cached.
+
+    This is continual learning without packs: each skill's training starts from the previous fine-tune, so later
+    skills can overwrite earlier ones. The same recipe (data, steps, learning rate) is used as for a skill alone.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .finetune import full_finetune, save_finetune
 
-    base_dir = bundled_model(base)
-    target = cache_dir() / "finetunes" / f"{base}-{recipe.task}-{recipe.key(base)}"
-    if (target / "config.json").is_file():
-        return target
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    train, _ = recipe.split()
-    losses = full_finetune(
-        model,
-        tokenizer,
-        train,
-        steps=recipe.steps,
-        batch_size=recipe.batch_size,
-        learning_rate=recipe.learning_rate,
-        seed=recipe.seed,
-        progress=progress,
-    )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
-        save_finetune(model, tokenizer, staging)
-        (staging / "recipe.json").write_text(json.dumps({**asdict(recipe), "losses": losses}, indent=2, default=list))
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    if not recipes:
+        raise ValueError("sequential_finetune needs at least one recipe")
+    folder = bundled_model(base)
+    for depth in range(1, len(recipes) + 1):
+        chain = recipes[:depth]
+        if depth == 1:
+            name = f"{base}-{chain[0].task}-{chain[0].key(base)}"
+        else:
+            digest = hashlib.sha256("|".join(r.key(base) for r in chain).encode()).hexdigest()[:16]
+            name = f"{base}-{'+'.join(r.task for r in chain)}-{digest}"
+        target = cache_dir() / "finetunes" / name
+        if not (target / "config.json").is_file():
+            recipe = chain[-1]
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            train, _ = recipe.split()
+            losses = full_finetune(
+                model,
+                tokenizer,
+                train,
+                steps=recipe.steps,
+                batch_size=recipe.batch_size,
+                learning_rate=recipe.learning_rate,
+                seed=recipe.seed,
+                progress=progress,
+            )
+
+            def write(staging: Path, model=model, tokenizer=tokenizer, losses=losses, chain=chain) -> None:
+                save_finetune(model, tokenizer, staging)
+                record = {**asdict(chain[-1]), "after": [r.task for r in chain[:-1]], "losses": losses}
+                (staging / "recipe.json").write_text(json.dumps(record, indent=2, default=list))
+
+            write_folder(target, write)
+        folder = target
+    return folder
