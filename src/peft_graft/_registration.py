@@ -118,7 +118,7 @@ def _write_pack_cards_on_save() -> None:
     def save_pretrained(self, save_directory, safe_serialization=True, selected_adapters=None, **kwargs):
         import os
 
-        from peft_graft.hub import write_pack_card
+        from peft_graft.cards import write_pack_card
 
         original_save(
             self, save_directory, safe_serialization=safe_serialization, selected_adapters=selected_adapters, **kwargs

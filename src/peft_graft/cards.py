@@ -8,7 +8,6 @@ A pack's card is built from the pack folder alone: ``adapter_config.json`` (base
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections import defaultdict
@@ -18,7 +17,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .checkpoint import read_safetensors_header
+from .checkpoint import read_json, read_safetensors_header
 from .errors import CheckpointError, PackFormatError
 
 CARD_FILE = "README.md"
@@ -71,10 +70,10 @@ def module_bytes(weights_file: str | os.PathLike) -> dict[str, tuple[str, int]]:
 def pack_card(folder: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
     """The model card of the pack in `folder` (``repo_id`` goes into the load snippet)."""
     folder = Path(folder)
-    config = _read_json(folder / _ADAPTER_CONFIG)
+    config = read_json(folder / _ADAPTER_CONFIG)
     if config is None:
         raise PackFormatError(f"{folder} has no {_ADAPTER_CONFIG}: it is not a SkillPack folder")
-    report = _read_json(folder / _REPORT) or {}
+    report = read_json(folder / _REPORT) or {}
     info: dict[str, Any] = dict(config.get("pack_info") or {})
     roles = {module["name"]: module["role"] for module in report.get("modules", [])}
     weights = folder / _ADAPTER_WEIGHTS
@@ -192,6 +191,11 @@ def write_card(card: ModelCard, folder: str | os.PathLike) -> Path:
     return target
 
 
+def write_pack_card(folder: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """(Re)write a pack folder's README.md from its files."""
+    return write_card(pack_card(folder, repo_id=repo_id), folder)
+
+
 def _eval_result(result: dict[str, Any]) -> EvalResult:
     return EvalResult(
         task_type="text-generation",
@@ -223,10 +227,3 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)

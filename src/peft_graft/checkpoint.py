@@ -80,7 +80,7 @@ class CheckpointReader:
         self.source = str(source)
         self.revision = revision
         self.folder = _resolve_folder(self.source, revision, token)
-        self.config: dict[str, Any] = _read_json(self.folder / "config.json") or {}
+        self.config: dict[str, Any] = read_json(self.folder / "config.json") or {}
         self._entries: dict[str, _Entry] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         files = _weight_files(self.folder)
@@ -242,14 +242,14 @@ def _resolve_folder(source: str, revision: str | None, token: str | bool | None)
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    index = _read_json(folder / SAFETENSORS_INDEX)
+    index = read_json(folder / SAFETENSORS_INDEX)
     if index is not None:
         return sorted({folder / name for name in index["weight_map"].values()})
     files = sorted(folder.glob("*.safetensors"))
     return [f for f in files if f.name != "adapter_model.safetensors"]
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     with open(path, encoding="utf-8") as handle:

@@ -185,7 +185,8 @@ def compare(
 
 def record_in_pack(pack_dir: str | os.PathLike, comparison: Comparison, pack_name: str, task_name: str) -> None:
     """Store the pack's score and retention in its ``pack_info.eval_results`` and re-render its model card."""
-    from .hub import ADAPTER_CONFIG, write_pack_card
+    from .cards import write_pack_card
+    from .hub import ADAPTER_CONFIG
 
     pack_dir = Path(pack_dir)
     config_file = pack_dir / ADAPTER_CONFIG

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import write_folder
-from .cards import pack_card, write_card
+from .cards import write_pack_card
 from .checkpoint import CheckpointReader
 from .compress import BandSlice, band_slices, top_magnitude_positions
 from .compress.budget import (
@@ -785,7 +785,7 @@ def _write_pack(
         for file in files:
             shutil.copy2(file, staging / file.name)
         (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-        write_card(pack_card(staging, repo_id=output_dir.name), staging)
+        write_pack_card(staging, repo_id=output_dir.name)
 
     write_folder(output_dir, write, overwrite=overwrite)
 

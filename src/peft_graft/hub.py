@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cards import CARD_FILE, pack_card, write_card
+from .cards import CARD_FILE, pack_card
 from .checkpoint import TOKENIZER_FILES, read_safetensors_header
 from .errors import CheckpointError, GraftConfigError, HubError, PackFormatError, UnsafePackError
 
@@ -301,16 +301,10 @@ def _read_json(path: Path, where: str) -> Any:
         raise PackFormatError(f"{where}: {path.name} is not valid JSON ({error})") from None
 
 
-def write_pack_card(folder: str | os.PathLike, repo_id: str | None = None) -> Path:
-    """(Re)write a pack folder's README.md from its files."""
-    return write_card(pack_card(folder, repo_id=repo_id), folder)
-
-
 __all__ = [
     "check_pack_folder",
     "load_pack_weights",
     "pull_pack",
     "push_pack",
     "validate_pack_config",
-    "write_pack_card",
 ]

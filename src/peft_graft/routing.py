@@ -24,8 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .cards import CARD_FILE, router_card, write_card
+from .checkpoint import read_json
 from .errors import UnsafePackError
-from .hub import PACK_FILES, check_pack_folder, commit_of, hub_errors, pull_pack, upload_files
+from .hub import ADAPTER_CONFIG, PACK_FILES, check_pack_folder, commit_of, hub_errors, pull_pack, upload_files
 from .layer import BASE_ADAPTER
 from .provenance import allow_base_mismatch
 from .router import BaseModelEmbedder, GraftRouter, ManualRouter, QueryEmbedder, RoutingError
@@ -636,7 +637,7 @@ def _check_one_base(folders: Mapping[str, Path | None], known: str | None = None
     for name, folder in folders.items():
         if folder is None:
             continue
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        config = read_json(folder / ADAPTER_CONFIG) or {}
         if config.get("base_model_fingerprint"):
             recorded[name] = (config["base_model_fingerprint"], config.get("base_model_name_or_path"))
     fingerprints = {fingerprint for fingerprint, _ in recorded.values()} | ({known} if known else set())
