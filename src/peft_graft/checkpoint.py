@@ -108,10 +108,7 @@ class CheckpointReader:
     @property
     def commit(self) -> str | None:
         """The Hub commit the checkpoint was downloaded at (None for a local folder)."""
-        parent = self.folder.parent
-        if parent.name == "snapshots" and len(self.folder.name) == 40:
-            return self.folder.name
-        return None
+        return commit_of(self.folder)
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -175,6 +172,14 @@ class CheckpointReader:
 
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
+
+
+def commit_of(folder: str | os.PathLike) -> str | None:
+    """The Hub commit of a folder in the huggingface_hub cache (``.../snapshots/<sha>``), else None."""
+    folder = Path(folder)
+    if folder.parent.name == "snapshots" and len(folder.name) == 40:
+        return folder.name
+    return None
 
 
 def _element_size(dtype: str) -> int:

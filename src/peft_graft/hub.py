@@ -170,14 +170,6 @@ def pull_pack(
     return check_pack_folder(folder)
 
 
-def commit_of(folder: str | os.PathLike) -> str | None:
-    """The Hub commit of a folder in the huggingface_hub cache (``.../snapshots/<sha>``), else None."""
-    folder = Path(folder)
-    if folder.parent.name == "snapshots" and len(folder.name) == 40:
-        return folder.name
-    return None
-
-
 # ----- pushing -------------------------------------------------------------------------------------------------------
 
 

@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .cards import CARD_FILE, router_card, write_card
-from .checkpoint import read_json
+from .checkpoint import commit_of, read_json
 from .errors import UnsafePackError
-from .hub import ADAPTER_CONFIG, PACK_FILES, check_pack_folder, commit_of, hub_errors, pull_pack, upload_files
+from .hub import ADAPTER_CONFIG, PACK_FILES, check_pack_folder, hub_errors, pull_pack, upload_files
 from .layer import BASE_ADAPTER
 from .provenance import allow_base_mismatch
 from .router import BaseModelEmbedder, GraftRouter, ManualRouter, QueryEmbedder, RoutingError
