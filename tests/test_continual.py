@@ -4,7 +4,6 @@ fine-tuning (A, then B, same budget) where B overwrites A."""
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
@@ -12,58 +11,27 @@ from peft import PeftModel
 
 from peft_graft import extract_skillpack
 from peft_graft.evaluation import text_nll
-from peft_graft.finetune import full_finetune, save_finetune
-from peft_graft.tasks import Example, chat_prompt, chat_text
+from peft_graft.finetune import save_finetune
+from peft_graft.tasks import chat_prompt, chat_text
 
-from tiny_models import tiny_llama, tiny_tokenizer
+from tiny_models import tiny_llama
+from word_skills import chat_tokenizer, finetune_skill, word_examples
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-STEPS, LEARNING_RATE = 120, 3e-3
-
-
-def _examples(skill: str, count: int, seed: int) -> list[Example]:
-    """Two skills over the same questions with conflicting answers: reverse the letters, or sort them."""
-    rng = random.Random(seed)
-    examples = []
-    for _ in range(count):
-        word = "".join(rng.choice("abcdefgh") for _ in range(5))
-        answer = word[::-1] if skill == "reverse" else "".join(sorted(word))
-        examples.append(Example(word, answer, {}))
-    return examples
-
-
-def _tokenizer():
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
-    return tokenizer
-
-
-def _finetune(model, tokenizer, skill: str):
-    full_finetune(
-        model,
-        tokenizer,
-        _examples(skill, 256, seed=1),
-        steps=STEPS,
-        batch_size=16,
-        learning_rate=LEARNING_RATE,
-        seed=0,
-        progress=False,
-    )
-    return model.eval()
 
 
 def test_packs_keep_skill_a_bit_identical_while_sequential_finetuning_forgets_it(tmp_path):
-    tokenizer = _tokenizer()
+    tokenizer = chat_tokenizer()
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
     tuned = {}
     for skill in ("reverse", "sort"):
-        tuned[skill] = _finetune(copy.deepcopy(base).train(), tokenizer, skill)
+        tuned[skill] = finetune_skill(copy.deepcopy(base).train(), tokenizer, skill)
         save_finetune(tuned[skill], tokenizer, tmp_path / skill)
         extract_skillpack(tmp_path / "base", tmp_path / skill, tmp_path / f"{skill}-pack", progress=False)
-    sequential = _finetune(copy.deepcopy(tuned["reverse"]).train(), tokenizer, "sort")  # A, then B: same budget
+    sequential = finetune_skill(copy.deepcopy(tuned["reverse"]).train(), tokenizer, "sort")  # A, then B: same budget
 
-    examples = _examples("reverse", 32, seed=99)
+    examples = word_examples("reverse", 32, seed=99)
     held_out = [chat_text(tokenizer, e.question, e.answer) for e in examples]
     prompts = [chat_prompt(tokenizer, e.question) for e in examples]
 

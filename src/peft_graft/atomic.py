@@ -1,4 +1,4 @@
-"""Atomic folder writes: build the folder next to its target, then rename it into place."""
+"""Atomic writes: build a file or folder next to its target, then rename it into place."""
 
 from __future__ import annotations
 
@@ -32,3 +32,19 @@ def write_folder(target: Path, write: Callable[[Path], None], *, overwrite: bool
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_file(target: Path, content: str | bytes) -> Path:
+    """Write `content` to a hidden sibling of `target`, flush it to disk, then rename it to `target`."""
+    target = Path(target)
+    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(content.encode("utf-8") if isinstance(content, str) else content)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return target

@@ -9,7 +9,6 @@ A pack's card is built from the pack folder alone: ``adapter_config.json`` (base
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 from importlib import resources
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .atomic import write_file
 from .checkpoint import read_json, read_safetensors_header
 from .errors import CheckpointError, PackFormatError
 
@@ -183,12 +183,7 @@ def router_card(config: dict[str, Any], repo_id: str) -> ModelCard:
 
 def write_card(card: ModelCard, folder: str | os.PathLike) -> Path:
     """Write ``README.md`` atomically."""
-    target = Path(folder) / CARD_FILE
-    handle, temporary = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=folder)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(str(card))
-    os.replace(temporary, target)
-    return target
+    return write_file(Path(folder) / CARD_FILE, str(card))
 
 
 def write_pack_card(folder: str | os.PathLike, repo_id: str | None = None) -> Path:

@@ -22,6 +22,8 @@ def _bands(text: str) -> list[tuple[int | None, int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .transfer import TransferConfig
+
     parser = argparse.ArgumentParser(prog="peft-graft", description="GraftLLM SkillPacks for Hugging Face PEFT.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -91,12 +93,53 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="also write the comparison as JSON here")
     evaluate.add_argument("--record", action="store_true", help="store each pack's scores in its model card")
 
+    transfer = commands.add_parser(
+        "transfer", help="teach a target a source model's skill (source answers, trl SFT, optional DPO), then pack it"
+    )
+    transfer.add_argument("--source", required=True, help="model folder, Hub id, bundled name, or 'reference'")
+    transfer.add_argument("--target", required=True, help="model folder, Hub id or bundled name (never modified)")
+    transfer.add_argument("--task", required=True, help="reasoning-gym task, e.g. letter_counting")
+    transfer.add_argument("--task-options", type=json.loads, default={}, help="task options as JSON")
+    transfer.add_argument("--work-dir", required=True, help="stage outputs; running again resumes from them")
+    _add_settings_flags(transfer, TransferConfig)
+
+    merge = commands.add_parser(
+        "merge", help="add several packs' combined deltas into one static model (sum, mean or TIES), no router"
+    )
+    merge.add_argument("output", help="merged model folder to create")
+    merge.add_argument("--base", required=True, help="base model folder")
+    merge.add_argument("--pack", action="append", required=True, help="pack folder (repeatable)")
+    merge.add_argument("--method", choices=["sum", "mean", "ties"], default="ties")
+    merge.add_argument("--weight", type=float, action="append", help="scale of each pack's delta (repeatable)")
+    merge.add_argument("--density", type=float, default=0.2, help="TIES: fraction of each delta's entries kept")
+    merge.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the base's")
+    merge.add_argument("--overwrite", action="store_true")
+
     pull = commands.add_parser("pull", help="download a pack or router from the Hub into a folder")
     pull.add_argument("repo_id")
     pull.add_argument("folder", help="where to put it")
     pull.add_argument("--revision", help="branch, tag or commit")
     pull.add_argument("--token")
     return parser
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, settings: type) -> None:
+    """One ``--flag`` per field of a settings dataclass, with its default and help."""
+    from dataclasses import fields
+
+    for item in fields(settings):
+        flag = "--" + item.name.replace("_", "-")
+        help_text = f"{item.metadata.get('help', '')} (default: {item.default})"
+        if isinstance(item.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text)
+        elif item.name == "budget":
+            parser.add_argument(flag, type=_optional_float, default=item.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(item.default), default=item.default, help=help_text)
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pull": _pull,
             "export": _export,
             "eval": _evaluate,
+            "transfer": _transfer,
+            "merge": _merge,
         }
         handler = handlers[args.command]
         return handler(args)
@@ -253,6 +298,38 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.record:
         for name, pack in packs.items():
             record_in_pack(pack, comparison, name, args.task or "held-out text")
+    return 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .tasks import ReasoningTask
+    from .transfer import TransferConfig, transfer
+
+    config = TransferConfig(**{item.name: getattr(args, item.name) for item in fields(TransferConfig)})
+    task = ReasoningTask(args.task, **args.task_options)
+    result = transfer(args.source, args.target, task, args.work_dir, config)
+    print(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from .fusion import merge_packs
+
+    folder = merge_packs(
+        args.base,
+        args.pack,
+        args.output,
+        method=args.method,
+        weights=args.weight,
+        density=args.density,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        overwrite=args.overwrite,
+    )
+    print(f"merged {len(args.pack)} pack(s) into {folder} ({args.method})")
     return 0
 
 

@@ -53,3 +53,11 @@ class UnsafePackError(GraftError, ValueError):
 
 class ExportError(GraftError, ValueError):
     """A SkillPack cannot be exported in the requested format as asked."""
+
+
+class TransferError(GraftError, ValueError):
+    """A transfer run cannot run, or cannot resume, as asked."""
+
+
+class FusionError(GraftError, ValueError):
+    """SkillPacks cannot be combined into one model as asked."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .atomic import write_file
 from .tasks import Example, ReasoningTask, chat_prompt, generate_answers
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -199,9 +200,7 @@ def record_in_pack(pack_dir: str | os.PathLike, comparison: Comparison, pack_nam
         results.append({"task": task_name, "metric": "retention", "value": kept})
     info["eval_results"] = results
     config["pack_info"] = info
-    temporary = config_file.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temporary, config_file)
+    write_file(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
     write_pack_card(pack_dir)
 
 

@@ -63,9 +63,20 @@ class ReasoningTask:
 
 
 def chat_prompt(tokenizer, question: str) -> str:
-    """The instruct prompt for a question, ending where the assistant's answer starts."""
+    """The instruct prompt for a question, ending where the assistant's answer starts.
+
+    A tokenizer without a chat template (a base model) gets the plain ``Question: …\nAnswer:`` format instead.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return few_shot_prompt(question, ())
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def few_shot_prompt(question: str, shots: Sequence[Example]) -> str:
+    """A plain-text prompt for base models: worked examples, then the question, ending where the answer starts."""
+    worked = "".join(f"Question: {shot.question}\nAnswer: {shot.answer}\n\n" for shot in shots)
+    return f"{worked}Question: {question}\nAnswer:"
 
 
 def chat_text(tokenizer, question: str, answer: str) -> str:
@@ -83,8 +94,14 @@ def generate_answers(
     adapter_names: Sequence[str] | None = None,
     progress: bool = False,
     description: str = "generating",
+    generation_options: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Greedy completions of `prompts` (left-padded batches); `adapter_names` gives each prompt its own pack."""
+    """Greedy completions of `prompts` (left-padded batches); `adapter_names` gives each prompt its own pack.
+
+    `generation_options` go to ``generate`` (e.g. sampling); with ``num_return_sequences=n`` the result holds n
+    completions per prompt, prompt by prompt.
+    """
+    options = {"do_sample": False, **(generation_options or {})}
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     completions = []
     try:
@@ -97,8 +114,8 @@ def generate_answers(
                 output = model.generate(
                     **batch,
                     max_new_tokens=max_new_tokens,
-                    do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
+                    **options,
                     **extra,
                 )
             completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
