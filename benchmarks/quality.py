@@ -20,6 +20,7 @@ method) per answer token, and relative output error ||logits_method - logits_ft|
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -50,7 +51,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="budget 1/16 only, 100 prompts (about 4 minutes)")
     parser.add_argument("--prompts", type=int, help="held-out questions (default: 300, quick: 100)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved results")
     args = parser.parse_args()
+    if args.plot_only:
+        suffix = "-quick" if args.quick else ""
+        saved = json.loads((Path(__file__).resolve().parent / "results" / f"quality{suffix}.json").read_text())
+        _plot(saved["rows"], saved["scores"], suffix)
+        return
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     budgets = {k: BUDGETS[k] for k in QUICK_BUDGETS} if args.quick else BUDGETS
@@ -291,24 +298,31 @@ def _mergekit_lowrank(base_dir, tuned_dir, delta, budget_bytes: float, work: Pat
 
 
 def _plot(rows, scores, suffix: str) -> None:
+    """Retention (the headline) and KL(fine-tune ‖ method) (more sensitive at this sample size) against bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["ratio"], r["retention"]) for r in rows if r["method"] == method)
+        points = sorted((r["ratio"], r["retention"], r["kl"]) for r in rows if r["method"] == method)
         style = "o-" if len(points) > 1 else "s"
-        axis.plot([p[0] for p in points], [100 * p[1] for p in points], style, label=method)
-    axis.set_xscale("log", base=2)
-    axis.axhline(100, color="grey", lw=0.8, ls="--")
-    axis.set_xlabel("bytes / fp16 delta (log scale)")
-    axis.set_ylabel("accuracy retention (%)")
-    axis.set_title("SmolLM2-135M arithmetic delta: retention vs bytes")
-    axis.legend(fontsize=8)
+        left.plot([p[0] for p in points], [100 * p[1] for p in points], style, label=method)
+        right.plot([p[0] for p in points], [p[2] for p in points], style, label=method)
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("bytes / fp16 delta (log scale)")
+    left.axhline(100, color="grey", lw=0.8, ls="--")
+    left.set_ylabel("accuracy retention (%)")
+    left.set_title("retention vs bytes")
+    right.set_yscale("log")
+    right.set_ylabel("KL(fine-tune ‖ method) per answer token")
+    right.set_title("KL to the fine-tune vs bytes (lower is better)")
+    left.legend(fontsize=8)
+    figure.suptitle("SmolLM2-135M-Instruct, arithmetic fine-tune delta")
     figure.tight_layout()
-    figure.savefig(Path(__file__).resolve().parent / "results" / f"retention_vs_bytes{suffix}.png", dpi=120)
+    figure.savefig(Path(__file__).resolve().parent / "results" / f"retention_vs_bytes{suffix}.png", dpi=110)
 
 
 if __name__ == "__main__":
