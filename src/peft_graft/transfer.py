@@ -35,7 +35,7 @@ from .bundled import BUNDLED_MODELS, bundled_model
 from .checkpoint import read_json
 from .config import GraftConfig
 from .errors import TransferError
-from .tasks import Example, ReasoningTask, chat_prompt, few_shot_prompt, generate_answers
+from .tasks import Example, ReasoningTask, chat_prompt, chat_text, few_shot_prompt, generate_answers
 
 REFERENCE = "reference"
 STAGES = ("responses", "sft", "dpo", "pack")
@@ -175,7 +175,7 @@ def transfer(
 
         graft_config = copy.deepcopy(graft_config) if graft_config is not None else GraftConfig()
         graft_config.pack_info = {**graft_config.pack_info, "transferred_from": source}
-        calibration = [prompt + answer + tokenizer.eos_token for prompt, answer in sft_texts]
+        calibration = [chat_text(tokenizer, record["question"], record["response"]) for record in kept]
         extract_skillpack(
             target_dir,
             trained_dir,
