@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peft_graft.compress import (
+    LargestEntries,
     band_slices,
     canonical_factors,
     dequantize_groupwise,
@@ -116,6 +117,31 @@ def test_magnitude_prune_keeps_the_largest_entries(rows, cols, density, seed):
     dropped[indices] = False
     if bool(dropped.any()):
         assert float(dense.reshape(-1)[dropped].abs().max()) <= float(values.abs().min())
+
+
+@given(
+    size=st.integers(1, 300),
+    keep=st.integers(0, 320),
+    block=st.integers(1, 64),
+    levels=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_largest_entries_over_blocks_equal_one_selection_over_everything(size, keep, block, levels, seed):
+    """Streaming with cuts gives exactly the entries a single pass would keep: the largest non-zero magnitudes, and
+    of those tied at the cut the first ones (few distinct levels make many ties; zeros are never kept)."""
+    generator = torch.Generator().manual_seed(seed)
+    flat = torch.randint(-levels, levels + 1, (size,), generator=generator).float()
+    largest = LargestEntries(keep)
+    for start in range(0, size, block):
+        largest.add(flat[start : start + block], start)
+    positions, values = largest.result()
+    magnitude = flat.abs()
+    # by hand: stable order of decreasing magnitude, then non-zero, then the first `keep`
+    order = sorted(range(size), key=lambda i: (-float(magnitude[i]), i))
+    expected = sorted(i for i in order[:keep] if magnitude[i] > 0)
+    assert positions.tolist() == expected
+    assert torch.equal(values, flat[positions])
+    assert LargestEntries(keep, positions=False).result()[0] is None
 
 
 def test_magnitude_prune_never_keeps_zeros():

@@ -9,8 +9,9 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from peft_graft import BASE_ADAPTER, GraftConfig
+from peft_graft.layer import GraftLinear, GraftNorm
 
-from tiny_models import BUILDERS, EMBED_TARGETS, LINEAR_TARGETS, token_batch
+from tiny_models import BUILDERS, EMBED_TARGETS, LINEAR_TARGETS, NORM_TARGETS, token_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*embedding layers found in:UserWarning")
 
@@ -18,11 +19,11 @@ ROW_ADAPTERS = ["a", "b", BASE_ADAPTER, "a", "b"]
 
 
 def _two_pack_model(arch: str, tmp_path) -> PeftModel:
-    """A base with packs 'a' (attention + embedding) and 'b' (all projections), both loaded from disk."""
+    """A base with packs 'a' (attention + embedding) and 'b' (all projections + norms), both loaded from disk."""
     build = BUILDERS[arch]
     targets = {
         "a": LINEAR_TARGETS[arch][:2] + EMBED_TARGETS[arch][:1],
-        "b": LINEAR_TARGETS[arch] + EMBED_TARGETS[arch][-1:],
+        "b": LINEAR_TARGETS[arch] + EMBED_TARGETS[arch][-1:] + NORM_TARGETS[arch],
     }
     for seed, (name, modules) in enumerate(targets.items(), start=1):
         torch.manual_seed(seed)
@@ -130,3 +131,57 @@ def test_concurrent_threads_with_different_packs_get_what_they_get_alone(tmp_pat
     assert not torch.equal(alone["a"], alone["b"])
     for name, outputs in _generate_concurrently(model, ids, names, **settings).items():
         assert all(torch.equal(output, alone[name]) for output in outputs), name
+
+
+def _graft_layers(model: PeftModel, kind: type) -> list:
+    return [module for module in model.modules() if type(module) is kind]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_one_token_rows_run_every_pack_in_one_product_per_layer(arch, tmp_path):
+    """Decoding steps (one token per row) stack the packs' factors; the rows still equal each row run alone, also
+    after a factor is changed in place or a pack is replaced under the same name."""
+    model = _two_pack_model(arch, tmp_path)
+    ids = token_batch(batch=len(ROW_ADAPTERS), length=1)
+    linears = _graft_layers(model, GraftLinear)
+
+    def check() -> None:
+        with torch.no_grad():
+            mixed = model(ids, adapter_names=ROW_ADAPTERS).logits
+            for row, name in enumerate(ROW_ADAPTERS):
+                alone = _alone(model, name, lambda row=row: model(ids[row : row + 1]).logits)
+                assert (mixed[row : row + 1] - alone).abs().max() < 1e-5, (row, name)
+
+    check()
+    stacked = [layer for layer in linears if layer._stacked_cache is not None]
+    assert stacked, "no layer used the stacked product"
+    # a layer holding both packs stacks both: its V has the two ranks side by side
+    both = [layer for layer in stacked if "a" in layer.graft_S and "b" in layer.graft_S]
+    assert both and all(layer._stacked_cache[2][0].shape[1] == layer.rank("a") + layer.rank("b") for layer in both)
+    with torch.no_grad():
+        before = model(ids, adapter_names=ROW_ADAPTERS).logits
+        for layer in stacked:  # in place: the cached stacks must notice
+            layer.graft_U["b"].mul_(3.0)
+    check()
+    with torch.no_grad():
+        assert (model(ids, adapter_names=ROW_ADAPTERS).logits - before).abs().max() > 1e-3
+    torch.manual_seed(99)
+    replacement = get_peft_model(
+        BUILDERS[arch](), GraftConfig(target_modules=LINEAR_TARGETS[arch], init_weights=False, r=3)
+    )
+    replacement.save_pretrained(tmp_path / "c")
+    model.delete_adapter("b")
+    model.load_adapter(tmp_path / "c", adapter_name="b")
+    check()
+
+
+def test_norms_that_broadcast_take_per_row_parameters_and_others_run_per_pack(tmp_path):
+    """Llama's RMSNorm broadcasts a (rows, 1, features) weight, so mixed rows run in one call; GPT-2's LayerNorm does
+    not, which the first mixed batch finds out, and it keeps one call per pack. Both equal each row run alone
+    (checked by the forward test above); here, which path each took."""
+    for arch, broadcasts in (("llama", True), ("gpt2", False)):
+        model = _two_pack_model(arch, tmp_path / arch)
+        with torch.no_grad():
+            model(token_batch(batch=len(ROW_ADAPTERS)), adapter_names=ROW_ADAPTERS)
+        norms = _graft_layers(model, GraftNorm)
+        assert norms and all(norm._rows_broadcast is broadcasts for norm in norms), arch

@@ -10,10 +10,10 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_graft import BASE_ADAPTER, GraftConfig, PackSource, RoutedGraftModel, RoutingError
+from peft_graft import BASE_ADAPTER, BaseModelEmbedder, GraftConfig, PackSource, RoutedGraftModel, RoutingError
 from peft_graft.errors import BaseModelMismatchError
 
-from tiny_models import tiny_llama, tiny_tokenizer
+from tiny_models import BUILDERS, tiny_llama, tiny_tokenizer, token_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -75,6 +75,27 @@ def test_the_classifier_routes_held_out_prompts_to_their_skill(routed):
     accuracy = sum(name == skill for (name, _), skill in zip(routes, expected, strict=True)) / len(expected)
     assert accuracy >= 0.95, accuracy
     assert all(0.0 < p <= 1.0 for _, p in routes)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_query_embeddings_are_the_base_models_pooled_hidden_states_without_the_head(arch):
+    """The router's features: mean over real tokens of the base model's final hidden state, with the packs loaded
+    but off for these rows; the language-model head (vocabulary logits) is never computed for them."""
+    torch.manual_seed(5)
+    model = get_peft_model(
+        BUILDERS[arch](), GraftConfig(target_modules=["lm_head", "c_fc", "up_proj"], init_weights=False)
+    )
+    ids = token_batch(batch=3, length=7)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    with torch.no_grad(), model.disable_adapter():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    expected = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    head_calls = []
+    model.get_base_model().lm_head.register_forward_hook(lambda *_: head_calls.append(1))
+    embedded = BaseModelEmbedder(model, tokenizer=None).embed_tokens(ids, mask)
+    assert torch.allclose(embedded, expected, atol=1e-5)
+    assert head_calls == []
 
 
 def test_a_routed_mixed_batch_equals_each_row_run_alone_with_its_pack(routed):

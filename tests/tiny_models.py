@@ -57,6 +57,8 @@ LINEAR_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 EMBED_TARGETS = {"llama": ["embed_tokens", "lm_head"], "qwen2": ["embed_tokens"], "gpt2": ["wte"]}
+# Norms: RMSNorm in Llama and Qwen2, torch's LayerNorm (with a bias) in GPT-2.
+NORM_TARGETS = {"llama": ["input_layernorm", "norm"], "qwen2": ["input_layernorm", "norm"], "gpt2": ["ln_1", "ln_f"]}
 
 
 def token_batch(batch: int = 3, length: int = 12, seed: int = 1) -> torch.Tensor:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .atomic import write_folder
 from .cards import write_pack_card
 from .checkpoint import CheckpointReader
-from .compress import BandSlice, band_slices, top_magnitude_positions
+from .compress import BandSlice, LargestEntries, band_slices
 from .compress.budget import (
     BudgetPlan,
     LowRankCandidate,
@@ -433,26 +433,19 @@ class _Compressor:
             keep = self.plan.sparse.get(spec.name, 0)
         else:
             keep = math.ceil(self.config.density_for(spec.name) * head_rows * cols)
-        kept_indices = torch.empty(0, dtype=torch.int64)
-        kept_values = torch.empty(0)
+        largest = LargestEntries(keep)
         block = []
         total = 0.0
         for start, delta in self.row_blocks(spec.weight):
             total += float(delta.double().pow(2).sum())
             head = delta[: max(0, head_rows - start)].reshape(-1)
-            if head.numel() and keep:
-                positions = top_magnitude_positions(head, min(keep, head.numel()))
-                kept_indices = torch.cat([kept_indices, positions + start * cols])
-                kept_values = torch.cat([kept_values, head[positions]])
-                if kept_values.numel() > keep:
-                    best = top_magnitude_positions(kept_values, keep)
-                    kept_indices, kept_values = kept_indices[best], kept_values[best]
+            if head.numel():
+                largest.add(head, start * cols)
             if start + delta.shape[0] > head_rows:
                 block.append(delta[max(0, head_rows - start) :])
         if total == 0.0:
             return None
-        order = kept_indices.argsort()
-        kept_indices, kept_values = kept_indices[order], kept_values[order]
+        kept_indices, kept_values = largest.result()
         block_rows = torch.cat(block) if block else None
         if kept_indices.numel() == 0 and block_rows is None:
             return None  # the budget spends nothing here
@@ -553,12 +546,10 @@ def _plan(specs, base, finetuned, config, budget_bytes, grown_rows, progress) ->
             head_rows = grown_rows.get(spec.name, rows)
             if head_rows < rows:
                 mandatory += 2 * (rows - head_rows) * cols + header_bytes(spec.name, 2)
-            squared = torch.empty(0)
+            largest = LargestEntries(affordable_entries, positions=False)
             for start, delta in compressor.row_blocks(spec.weight):
-                head = delta[: max(0, head_rows - start)].reshape(-1).pow(2)
-                squared = torch.cat([squared, head[head > 0]])
-                if squared.numel() > affordable_entries:
-                    squared = squared.topk(affordable_entries).values
+                largest.add(delta[: max(0, head_rows - start)].reshape(-1).pow(2))
+            squared = largest.result()[1]
             if squared.numel():
                 sparse.append(SparseCandidate(spec.name, head_rows * cols, squared.sort(descending=True).values))
             continue

@@ -17,6 +17,7 @@ form, so a pack can mix them freely.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -44,6 +45,9 @@ PEFT passes ``adapter_names`` to layers through forward pre-hooks registered on 
 would overwrite each other's names. A context variable is private to each thread, so concurrent calls with
 different packs stay independent.
 """
+
+# Held while a GraftNorm runs its base norm, whose parameters it may swap for the call (see GraftNorm._forward_with).
+_NORM_PARAMETER_LOCK = threading.Lock()
 
 # Scale of the random delta made with init_weights=False (tests only): visible, but far from dominating the base.
 _RANDOM_DELTA_SCALE = 0.1
@@ -79,6 +83,10 @@ class GraftLayer(BaseTunerLayer):
         self.graft_tied: dict[str, None] = {}
         self._merge_restore: dict[str, list[tuple[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._csr_cache: dict[str, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        # (row layout, [(factor, fingerprint)], stacked tensors) of the last one-token mixed batch, see GraftLinear
+        self._stacked_cache: tuple[tuple, list, tuple[torch.Tensor, ...]] | None = None
+        # GraftNorm: whether the base norm broadcasts per-row parameters (None: not tried yet)
+        self._rows_broadcast: bool | None = None
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -109,7 +117,8 @@ class _GraftModule(nn.Module, GraftLayer):
     def _owns(self, adapter: str) -> bool:
         if adapter in self.graft_tied:
             return self._source()._owns(adapter)
-        return any(adapter in getattr(self, name) for name in self.adapter_layer_names)
+        # graft_U and graft_V never come without graft_S
+        return adapter in self.graft_S or adapter in self.graft_values or adapter in self.graft_bias
 
     def _weight_parts(self, adapter: str) -> dict[str, torch.Tensor]:
         """The weight-delta tensors of an adapter (the tied source's, if tied)."""
@@ -172,8 +181,7 @@ class _GraftModule(nn.Module, GraftLayer):
 
     def _apply_to_rows(self, result, x, index, add, remove, *args, **kwargs) -> torch.Tensor:
         rows = x.index_select(0, index)
-        delta = sum(self._delta_output(adapter, rows) for adapter in add)
-        delta = delta - sum(self._delta_output(adapter, rows) for adapter in remove)
+        delta = _signed_sum([self._delta_output(a, rows) for a in add], [self._delta_output(a, rows) for a in remove])
         return result.index_add(0, index, delta.to(result.dtype))
 
     def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
@@ -272,6 +280,7 @@ class _GraftModule(nn.Module, GraftLayer):
                 del container[adapter]
         self.graft_dense_rows_from.pop(adapter, None)
         self.graft_packed.pop(adapter, None)
+        self._forget_caches()
         if lowrank is not None:
             self.graft_U[adapter], self.graft_S[adapter], self.graft_V[adapter] = (parameter(t) for t in lowrank)
         if values is not None:
@@ -355,7 +364,7 @@ class _GraftModule(nn.Module, GraftLayer):
                 self.graft_values[adapter] = nn.Parameter(
                     torch.cat([values.data, padding]), requires_grad=values.requires_grad
                 )
-        self._csr_cache.clear()
+        self._forget_caches()
 
     def tie_to(self, source: _GraftModule, adapter: str) -> None:
         """Make `adapter`'s weight delta here the one held by `source` (tied weights): stored and merged once."""
@@ -367,6 +376,31 @@ class _GraftModule(nn.Module, GraftLayer):
             if adapter in container:
                 del container[adapter]
         self.graft_tied[adapter] = None
+        self._forget_caches()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._forget_caches()
+
+    def _forget_caches(self) -> None:
+        """Drop what was derived from adapter tensors; called whenever an adapter's tensors are replaced."""
+        self._csr_cache.clear()
+        self._stacked_cache = None
+
+    def _cached_stack(self, layout: tuple) -> tuple[torch.Tensor, ...] | None:
+        """The tensors stacked for a mixed batch of this row layout, if the adapter tensors they came from are
+        unchanged. Every decoding step of a generate call repeats its layout, so one entry per layer suffices."""
+        cached = self._stacked_cache
+        if cached is not None and cached[0] == layout and all(_fingerprint(t) == f for t, f in cached[1]):
+            return cached[2]
+        return None
+
+    def _cache_stack(self, layout: tuple, sources: list[torch.Tensor], stacked: tuple[torch.Tensor, ...]) -> None:
+        self._stacked_cache = (layout, [(t, _fingerprint(t)) for t in sources], stacked)
+
+    def _row_adapters(self, adapter_names: list[str]) -> list[str]:
+        """The distinct adapters of a mixed batch that have a delta in this layer, in order of first appearance."""
+        return list(dict.fromkeys(a for a in adapter_names if a != BASE_ADAPTER and self._owns(a)))
 
     def __repr__(self) -> str:
         return "graft." + super().__repr__()
@@ -415,11 +449,17 @@ class GraftLinear(_GraftModule):
         return out
 
     def _weight_delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        if adapter in self.graft_S:  # the common case first, with as few lookups as possible: this runs per layer
+            v = self.graft_V[adapter]
+            x = self._cast_input_dtype(x, v.dtype)
+            if self.training:
+                x = self.graft_dropout[adapter](x)
+            return ((x @ v) * self.graft_S[adapter]) @ self.graft_U[adapter].T
         parts = self._weight_parts(adapter)
-        x = self.graft_dropout[adapter](self._cast_input_dtype(x, next(iter(parts.values())).dtype))
-        if "graft_S" in parts:
-            return ((x @ parts["graft_V"]) * parts["graft_S"]) @ parts["graft_U"].T
         values = parts["graft_values"]
+        x = self._cast_input_dtype(x, values.dtype)
+        if self.training:
+            x = self.graft_dropout[adapter](x)
         if "graft_indices" not in parts:
             return F.linear(x, values)
         rows, cols = self.delta_shape
@@ -428,6 +468,54 @@ class GraftLinear(_GraftModule):
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
             matrix = torch.sparse_csr_tensor(row_pointers, columns, values, size=(rows, cols), check_invariants=False)
         return (matrix @ x.reshape(-1, cols).T).T.reshape(*x.shape[:-1], rows)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Rows with one token each (decoding) run all their packs in one product per layer; see `_stacked_factors`.
+
+        With a single token per row the per-pack products are too small to keep the CPU or GPU busy, so their count,
+        not their size, sets the time; longer rows are cheaper grouped by pack, without the other packs' work.
+        """
+        one_token_per_row = x.shape[0] > 1 and x.numel() == x.shape[0] * self.in_features
+        stacked = None
+        if one_token_per_row and len(adapter_names) == x.shape[0] and not (self.merged or self.training):
+            stacked = self._stacked_factors(adapter_names)
+        if stacked is None:
+            return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        v_stacked, u_stacked, row_scales = stacked
+        result = self.base_layer(x, *args, **kwargs)
+        rows = self._cast_input_dtype(x.reshape(x.shape[0], -1), v_stacked.dtype)
+        delta = ((rows @ v_stacked) * row_scales) @ u_stacked.T
+        return result + delta.view(result.shape).to(result.dtype)
+
+    def _stacked_factors(self, adapter_names: list[str]) -> tuple[torch.Tensor, ...] | None:
+        """The V and U of the rows' packs side by side, and per row its pack's singular values (zero elsewhere).
+
+        None when a row's pack here is not a plain low-rank delta, or a factor needs gradients. The stack is a copy
+        of those packs' factors, cached until the row layout changes or a factor is replaced or modified.
+        """
+        layout = tuple(adapter_names)
+        cached = self._cached_stack(layout)
+        if cached is not None:
+            return cached
+        names = self._row_adapters(adapter_names)
+        if not names or any(a not in self.graft_S or a in self.graft_bias for a in names):
+            return None
+        factors = [(self.graft_U[a], self.graft_S[a], self.graft_V[a]) for a in names]
+        if torch.is_grad_enabled() and any(t.requires_grad for trio in factors for t in trio):
+            return None
+        v_stacked = torch.cat([v for _, _, v in factors], dim=1)
+        u_stacked = torch.cat([u for u, _, _ in factors], dim=1)
+        row_scales = v_stacked.new_zeros(len(adapter_names), v_stacked.shape[1])
+        start = 0
+        for name, (_, s, _) in zip(names, factors, strict=True):
+            rows = torch.tensor([row for row, a in enumerate(adapter_names) if a == name], device=s.device)
+            row_scales[rows, start : start + s.shape[0]] = s
+            start += s.shape[0]
+        stacked = (v_stacked, u_stacked, row_scales)
+        self._cache_stack(layout, [t for trio in factors for t in trio], stacked)
+        return stacked
 
 
 class GraftEmbedding(_GraftModule):
@@ -459,6 +547,10 @@ class GraftEmbedding(_GraftModule):
         return out if embed_scale is None else out * embed_scale.to(out.dtype)
 
 
+# the container of each norm parameter's deltas
+_NORM_DELTAS = {"weight": "graft_values", "bias": "graft_bias"}
+
+
 class GraftNorm(_GraftModule):
     """A norm (or any module with a 1-D ``weight``, and maybe ``bias``) with dense deltas of its parameters.
 
@@ -482,25 +574,107 @@ class GraftNorm(_GraftModule):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # every call of the base norm runs under the lock, so none can see another thread's swapped parameters
+        with _NORM_PARAMETER_LOCK:
+            return super().forward(x, *args, **kwargs)
+
     def _forward_with(
         self, x: torch.Tensor, adapters: list[str], *args: Any, remove: Sequence[str] = (), **kwargs: Any
     ) -> torch.Tensor:
-        if not adapters and not remove:
-            return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         parameters = {}
-        for name, container in (("weight", self.graft_values), ("bias", self.graft_bias)):
-            added = [container[a] for a in adapters if a in container]
-            removed = [container[a] for a in remove if a in container]
-            if added or removed:
+        for name, container_name in _NORM_DELTAS.items():
+            container = getattr(self, container_name)
+            shift = _signed_sum(
+                [container[a] for a in adapters if a in container], [container[a] for a in remove if a in container]
+            )
+            if shift is not None:
                 original = getattr(base, name)
-                shift = sum(d.to(original.dtype) for d in added) - sum(d.to(original.dtype) for d in removed)
-                parameters[name] = original + shift
-        return torch.func.functional_call(base, parameters, (x, *args), kwargs)
+                parameters[name] = original + shift.to(original.dtype)
+        return self._call_with(parameters, x, *args, **kwargs)
+
+    def _call_with(self, parameters: dict[str, torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any):
+        """The base norm's output with some parameters replaced, for this call only (under the lock).
+
+        torch.func.functional_call does the same, but costs about as much as the norm itself, twice per block.
+        """
+        if not parameters:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        saved = {name: base._parameters[name] for name in parameters}
+        base._parameters.update(parameters)
+        try:
+            return self.base_layer(x, *args, **kwargs)
+        finally:
+            base._parameters.update(saved)
 
     def _apply_to_rows(self, result, x, index, add, remove, *args, **kwargs) -> torch.Tensor:
         rows = self._forward_with(x.index_select(0, index), add, *args, remove=remove, **kwargs)
         return result.index_copy(0, index, rows.to(result.dtype))
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """One call of the norm with per-row parameters (shape ``(rows, 1, …, features)``) where the norm broadcasts
+        them, which the RMSNorms of transformers do; one call per pack otherwise.
+
+        Whether a norm broadcasts is found on its first mixed batch, by comparing both ways on that batch.
+        """
+        grouped = super()._mixed_batch_forward
+        if self._rows_broadcast is False or self.merged or len(adapter_names) != x.shape[0] or x.dim() < 2:
+            return grouped(x, *args, adapter_names=adapter_names, **kwargs)
+        shifts = self._row_shifts(adapter_names, x.dim())
+        if shifts is None:
+            return grouped(x, *args, adapter_names=adapter_names, **kwargs)
+        base = self.get_base_layer()
+        parameters = {name: getattr(base, name) + shift.to(getattr(base, name).dtype) for name, shift in shifts.items()}
+        if self._rows_broadcast:
+            return self._call_with(parameters, x, *args, **kwargs)
+        expected = grouped(x, *args, adapter_names=adapter_names, **kwargs)
+        try:
+            output = self._call_with(parameters, x, *args, **kwargs)
+        except RuntimeError:  # e.g. F.layer_norm insists on a weight of the normalized shape
+            self._rows_broadcast = False
+        else:
+            self._rows_broadcast = output.shape == expected.shape and torch.allclose(
+                output.float(), expected.float(), rtol=1e-4, atol=1e-6
+            )
+        return expected
+
+    def _row_shifts(self, adapter_names: list[str], dims: int) -> dict[str, torch.Tensor] | None:
+        """Per row, its pack's weight (and bias) delta shaped to broadcast over the row; None if no row has one."""
+        layout = (tuple(adapter_names), dims)
+        cached = self._cached_stack(layout)
+        if cached is not None:
+            return {name: shift for name, shift in zip(("weight", "bias"), cached, strict=True) if shift is not None}
+        names = self._row_adapters(adapter_names)
+        deltas = [self.graft_values[a] for a in names if a in self.graft_values]
+        biases = [self.graft_bias[a] for a in names if a in self.graft_bias]
+        if not names or (torch.is_grad_enabled() and any(t.requires_grad for t in deltas + biases)):
+            return None
+        # row → its pack's slot in a table whose slot 0 is a zero delta (base rows, packs without one here)
+        slot = [names.index(a) + 1 if a in names else 0 for a in adapter_names]
+        shifts = {}
+        for name, present in (("weight", deltas), ("bias", biases)):
+            if present:
+                container, zero = getattr(self, _NORM_DELTAS[name]), present[0].new_zeros(present[0].shape)
+                table = torch.stack([zero] + [container.get(a, zero) for a in names])
+                rows = table[torch.tensor(slot, device=table.device)]
+                shifts[name] = rows.view(len(adapter_names), *([1] * (dims - 2)), -1)
+        self._cache_stack(layout, deltas + biases, (shifts.get("weight"), shifts.get("bias")))
+        return shifts
+
+
+def _signed_sum(added: list[torch.Tensor], removed: list[torch.Tensor]) -> torch.Tensor | None:
+    """``Σ added − Σ removed`` without the extra operations ``sum()`` adds (its 0 start, a ``- 0``); None if both
+    are empty. These run once per layer per forward, where each saved operation counts."""
+    total = None
+    for tensor in added:
+        total = tensor if total is None else total + tensor
+    for tensor in removed:
+        total = -tensor if total is None else total - tensor
+    return total
 
 
 def _init_sparse_role_delta(layer: _GraftModule, adapter: str, config) -> None:
@@ -513,6 +687,11 @@ def _init_sparse_role_delta(layer: _GraftModule, adapter: str, config) -> None:
     count = max(1, math.ceil(config.embed_density * numel))
     indices = torch.randperm(numel)[:count].sort().values
     layer.set_delta(adapter, values=torch.randn(count) * _RANDOM_DELTA_SCALE, indices=indices)
+
+
+def _fingerprint(tensor: torch.Tensor) -> tuple[int, int]:
+    """Changes when the tensor's storage is swapped (``.to()``, ``.data =``) or written in place."""
+    return tensor.data_ptr(), tensor._version
 
 
 def _csr(layer: _GraftModule, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
