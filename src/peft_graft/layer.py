@@ -402,6 +402,13 @@ class _GraftModule(nn.Module, GraftLayer):
         """The distinct adapters of a mixed batch that have a delta in this layer, in order of first appearance."""
         return list(dict.fromkeys(a for a in adapter_names if a != BASE_ADAPTER and self._owns(a)))
 
+    @staticmethod
+    def _row_slots(adapter_names: list[str], names: list[str], device: torch.device) -> torch.Tensor:
+        """Per row, its adapter's slot in a per-adapter table whose slot 0 is "no delta here" (base rows, adapters
+        this layer does not hold) and slot i + 1 is ``names[i]``; indexing the table with this gives per-row rows."""
+        slot = {name: index + 1 for index, name in enumerate(names)}
+        return torch.tensor([slot.get(a, 0) for a in adapter_names], device=device)
+
     def __repr__(self) -> str:
         return "graft." + super().__repr__()
 
@@ -507,12 +514,13 @@ class GraftLinear(_GraftModule):
             return None
         v_stacked = torch.cat([v for _, _, v in factors], dim=1)
         u_stacked = torch.cat([u for u, _, _ in factors], dim=1)
-        row_scales = v_stacked.new_zeros(len(adapter_names), v_stacked.shape[1])
+        # one row per pack holding its singular values in its own columns; row 0 (no delta) stays zero
+        scales = v_stacked.new_zeros(len(names) + 1, v_stacked.shape[1])
         start = 0
-        for name, (_, s, _) in zip(names, factors, strict=True):
-            rows = torch.tensor([row for row, a in enumerate(adapter_names) if a == name], device=s.device)
-            row_scales[rows, start : start + s.shape[0]] = s
+        for slot, (_, s, _) in enumerate(factors, start=1):
+            scales[slot, start : start + s.shape[0]] = s
             start += s.shape[0]
+        row_scales = scales[self._row_slots(adapter_names, names, scales.device)]
         stacked = (v_stacked, u_stacked, row_scales)
         self._cache_stack(layout, [t for trio in factors for t in trio], stacked)
         return stacked
@@ -653,14 +661,12 @@ class GraftNorm(_GraftModule):
         biases = [self.graft_bias[a] for a in names if a in self.graft_bias]
         if not names or (torch.is_grad_enabled() and any(t.requires_grad for t in deltas + biases)):
             return None
-        # row → its pack's slot in a table whose slot 0 is a zero delta (base rows, packs without one here)
-        slot = [names.index(a) + 1 if a in names else 0 for a in adapter_names]
         shifts = {}
         for name, present in (("weight", deltas), ("bias", biases)):
             if present:
                 container, zero = getattr(self, _NORM_DELTAS[name]), present[0].new_zeros(present[0].shape)
                 table = torch.stack([zero] + [container.get(a, zero) for a in names])
-                rows = table[torch.tensor(slot, device=table.device)]
+                rows = table[self._row_slots(adapter_names, names, table.device)]
                 shifts[name] = rows.view(len(adapter_names), *([1] * (dims - 2)), -1)
         self._cache_stack(layout, deltas + biases, (shifts.get("weight"), shifts.get("bias")))
         return shifts

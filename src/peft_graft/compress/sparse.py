@@ -76,7 +76,7 @@ class LargestEntries:
         values = torch.cat(self._values) if self._values else torch.empty(0)
         magnitude = values.abs()
         mask = largest_mask(magnitude, self.keep)
-        if values.numel() >= self.keep and self.keep:
+        if values.numel() >= self.keep > 0:
             self._floor = max(self._floor, float(magnitude[mask].min()))
         self._values = [values[mask]]
         if self._track_positions:
