@@ -44,7 +44,11 @@ def meta_model(folder_or_config) -> PreTrainedModel:
     """The architecture of a checkpoint folder (or config) on the meta device: structure without weights."""
     config = folder_or_config if not isinstance(folder_or_config, str) else AutoConfig.from_pretrained(folder_or_config)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    # Not every transformers 5 release ties on the meta device (5.0 leaves lm_head its own weight): tie as the config
+    # says, or a tied base would be read as one whose checkpoint lacks lm_head.weight.
+    model.tie_weights()
+    return model
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
