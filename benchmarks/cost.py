@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, run_measured, write_results
+from common import RESULTS, markdown_table, run_measured, write_results
 
 from peft_graft.bundled import bundled_model
 from peft_graft.recipes import ARITHMETIC, finetuned_skill
@@ -230,7 +230,7 @@ def _plot(scale, suffix: str) -> None:
     right.legend()
     figure.suptitle("data-free extraction cost vs model size (synthetic Llama, 1/16)")
     figure.tight_layout()
-    figure.savefig(Path(__file__).resolve().parent / "results" / f"extraction_cost{suffix}.png", dpi=120)
+    figure.savefig(RESULTS / f"extraction_cost{suffix}.png", dpi=120)
 
 
 if __name__ == "__main__":

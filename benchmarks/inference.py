@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, write_results
+from common import RESULTS, markdown_table, write_results
 
 from peft_graft import RoutedGraftModel, extract_skillpack
 from peft_graft.bundled import bundled_model
@@ -215,7 +215,7 @@ def _plot(speed, suffix: str) -> None:
     axis.set_xlabel("generated tokens / s (4-row variants: all rows)")
     axis.set_title("SmolLM2-135M on CPU: decoding speed")
     figure.tight_layout()
-    figure.savefig(Path(__file__).resolve().parent / "results" / f"inference{suffix}.png", dpi=120)
+    figure.savefig(RESULTS / f"inference{suffix}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, write_results
+from common import RESULTS, markdown_table, write_results
 
 from peft_graft import extract_skillpack
 from peft_graft.bundled import bundled_model
@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.plot_only:
         suffix = "-quick" if args.quick else ""
-        saved = json.loads((Path(__file__).resolve().parent / "results" / f"quality{suffix}.json").read_text())
+        saved = json.loads((RESULTS / f"quality{suffix}.json").read_text())
         _plot(saved["rows"], saved["scores"], suffix)
         return
     warnings.filterwarnings("ignore")
@@ -297,7 +297,7 @@ def _mergekit_lowrank(base_dir, tuned_dir, delta, budget_bytes: float, work: Pat
     return approx, stored
 
 
-def _plot(rows, scores, suffix: str) -> None:
+def _plot(rows, scores, suffix: str, folder: Path = RESULTS) -> Path:
     """Retention (the headline) and KL(fine-tune ‖ method) (more sensitive at this sample size) against bytes."""
     import matplotlib
 
@@ -322,7 +322,10 @@ def _plot(rows, scores, suffix: str) -> None:
     left.legend(fontsize=8)
     figure.suptitle("SmolLM2-135M-Instruct, arithmetic fine-tune delta")
     figure.tight_layout()
-    figure.savefig(Path(__file__).resolve().parent / "results" / f"retention_vs_bytes{suffix}.png", dpi=110)
+    path = folder / f"retention_vs_bytes{suffix}.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 if __name__ == "__main__":
