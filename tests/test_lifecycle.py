@@ -19,6 +19,7 @@ from peft_graft import GraftConfig, GraftLayer, PackFormatError
 from peft_graft.errors import BaseModelMismatchError
 from peft_graft.provenance import allow_base_mismatch
 
+from compat import needs_transformers_adapter_api
 from tiny_models import BUILDERS, EMBED_TARGETS, LINEAR_TARGETS, tiny_gpt2, tiny_llama, tiny_qwen2, token_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*embedding layers found in:UserWarning")
@@ -167,6 +168,7 @@ def test_merge_unmerge_merge_and_unload_and_unload_of_a_loaded_pack(tmp_path):
     assert torch.equal(_logits(plain, ids), pristine)
 
 
+@needs_transformers_adapter_api
 def test_transformers_load_adapter_matches_peft_model(tmp_path):
     ids = token_batch()
     pack_dir, _ = _pack(tiny_llama(), tmp_path / "pack", ["q_proj", "v_proj", "embed_tokens"])
