@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table, run_measured, write_results
 
-from peft_graft.bundled import bundled_model
-from peft_graft.recipes import ARITHMETIC, finetuned_skill
-from peft_graft.tasks import chat_text
+from peft_graft._demo.bundled import bundled_model
+from peft_graft._demo.recipes import ARITHMETIC, finetuned_skill
+from peft_graft.evaluation.tasks import chat_text
 
 BUDGET = 1 / 16
 # (hidden, intermediate, layers, heads, kv heads): SmolLM2-135M's shape, then wider/deeper Llama shapes

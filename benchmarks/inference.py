@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table, write_results
 
 from peft_graft import RoutedGraftModel, extract_skillpack
-from peft_graft.bundled import bundled_model
-from peft_graft.export import export_lora
-from peft_graft.recipes import ARITHMETIC, LETTER_COUNTING, finetuned_skill
-from peft_graft.tasks import chat_prompt
+from peft_graft._demo.bundled import bundled_model
+from peft_graft._demo.recipes import ARITHMETIC, LETTER_COUNTING, finetuned_skill
+from peft_graft.evaluation.tasks import chat_prompt
+from peft_graft.ops import export_lora
 
 
 def main() -> None:

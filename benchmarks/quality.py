@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table, write_results
 
 from peft_graft import extract_skillpack
-from peft_graft.bundled import bundled_model
+from peft_graft._demo.bundled import bundled_model
+from peft_graft._demo.recipes import ARITHMETIC, finetuned_skill
 from peft_graft.compress.quantize import dequantize_groupwise, quantize_groupwise
-from peft_graft.fusion import pack_deltas
-from peft_graft.recipes import ARITHMETIC, finetuned_skill
-from peft_graft.tasks import chat_prompt, chat_text, generate_answers
+from peft_graft.evaluation.tasks import chat_prompt, chat_text, generate_answers
+from peft_graft.ops import pack_deltas
 
 BUDGETS = {"1/4": 1 / 4, "1/8": 1 / 8, "1/16": 1 / 16, "1/32": 1 / 32, "1/64": 1 / 64}
 QUICK_BUDGETS = ("1/16",)

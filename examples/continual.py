@@ -25,9 +25,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_graft import extract_skillpack
-from peft_graft.bundled import bundled_model
-from peft_graft.recipes import ARITHMETIC, LETTER_COUNTING, finetuned_skill, sequential_finetune
-from peft_graft.tasks import chat_prompt, generate_answers
+from peft_graft._demo.bundled import bundled_model
+from peft_graft._demo.recipes import ARITHMETIC, LETTER_COUNTING, finetuned_skill, sequential_finetune
+from peft_graft.evaluation.tasks import chat_prompt, generate_answers
 
 SKILLS = {"A: arithmetic": ARITHMETIC, "B: letters": LETTER_COUNTING}
 ANSWER_TOKENS = 8

@@ -24,9 +24,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_graft import RoutedGraftModel, extract_skillpack
-from peft_graft.bundled import bundled_model
-from peft_graft.recipes import ARITHMETIC, LETTER_COUNTING, finetuned_skill
-from peft_graft.tasks import chat_prompt, chat_text, generate_answers
+from peft_graft._demo.bundled import bundled_model
+from peft_graft._demo.recipes import ARITHMETIC, LETTER_COUNTING, finetuned_skill
+from peft_graft.evaluation.tasks import chat_prompt, chat_text, generate_answers
 
 SKILLS = {"arithmetic": ARITHMETIC, "letters": LETTER_COUNTING}
 ROUTER_EXAMPLES = 50

@@ -27,11 +27,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_graft import extract_skillpack
-from peft_graft.bundled import bundled_model, cache_dir
-from peft_graft.fusion import merge_packs
-from peft_graft.recipes import ARITHMETIC, LETTER_COUNTING, finetuned_skill
+from peft_graft._demo.bundled import bundled_model, cache_dir
+from peft_graft._demo.recipes import ARITHMETIC, LETTER_COUNTING, finetuned_skill
+from peft_graft.evaluation.tasks import chat_prompt, generate_answers
+from peft_graft.ops import merge_packs
 from peft_graft.routing import RoutedGraftModel
-from peft_graft.tasks import chat_prompt, generate_answers
 
 ANSWER_TOKENS = 8
 TRANSFER_PACK = cache_dir() / "examples" / "transfer-gemma3-270m-dpo" / "pack"

@@ -30,11 +30,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peft_graft.bundled import bundled_model, cache_dir
+from peft_graft._demo.bundled import bundled_model, cache_dir
+from peft_graft._demo.recipes import ARITHMETIC
 from peft_graft.errors import GraftError
 from peft_graft.evaluation import compare
-from peft_graft.recipes import ARITHMETIC
-from peft_graft.tasks import few_shot_prompt, generate_answers
+from peft_graft.evaluation.tasks import few_shot_prompt, generate_answers
 from peft_graft.transfer import REFERENCE, TransferConfig, transfer
 
 SOURCE, TARGET = "gemma3-270m", "smollm2-135m-instruct"
@@ -53,18 +53,18 @@ def main() -> None:
     started = time.perf_counter()
 
     try:
-        bundled_model(SOURCE)
+        source_model_dir = str(bundled_model(SOURCE))  # transfer takes folders: the bundled names resolve here
         source = SOURCE
     except GraftError as missing:
         print(f"source: {missing}\n  -> falling back to the task's reference answers")
-        source = REFERENCE
+        source = source_model_dir = REFERENCE
     config = TransferConfig(
         prompts=960, shots=8, max_new_tokens=ANSWER_TOKENS, sft_steps=60, dpo=args.dpo, dpo_steps=20
     )
     task = ARITHMETIC.build_task()
     work_dir = args.work_dir or cache_dir() / "examples" / f"transfer-{source}-{'dpo' if args.dpo else 'sft'}"
     print(f"source: {source}   target: {TARGET}   task: {task.name} {task.dataset_options}   work folder: {work_dir}")
-    result = transfer(source, TARGET, task, work_dir, config)
+    result = transfer(source_model_dir, str(bundled_model(TARGET)), task, work_dir, config)
     print(f"stages: {result.stages}   seconds: { {k: round(v) for k, v in result.seconds.items()} }")
 
     # held-out questions: never among the training prompts (the first prompts + shots of the same seed)

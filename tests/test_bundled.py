@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peft_graft import bundled
+from peft_graft._demo import bundled
 from peft_graft.errors import GraftError
 
 

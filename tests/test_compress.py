@@ -21,7 +21,7 @@ from peft_graft.compress import (
     unpack_codes,
 )
 from peft_graft.errors import PackFormatError
-from peft_graft.pack_format import decode_lowrank, decode_values, encode_lowrank, encode_sparse, tensors_nbytes
+from peft_graft.pack.codec import decode_lowrank, decode_values, encode_lowrank, encode_sparse, tensors_nbytes
 
 settings.register_profile("peft-graft", max_examples=60, deadline=None)
 settings.load_profile("peft-graft")

@@ -10,9 +10,9 @@ import torch
 from peft import PeftModel
 
 from peft_graft import extract_skillpack
+from peft_graft._demo.finetune import save_finetune
 from peft_graft.evaluation import text_nll
-from peft_graft.finetune import save_finetune
-from peft_graft.tasks import chat_prompt, chat_text
+from peft_graft.evaluation.tasks import chat_prompt, chat_text
 
 from tiny_models import tiny_llama
 from word_skills import chat_tokenizer, finetune_skill, word_examples

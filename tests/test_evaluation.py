@@ -15,7 +15,7 @@ from peft import PeftModel, get_peft_model
 from peft_graft import GraftConfig
 from peft_graft.cli import main as cli
 from peft_graft.evaluation import compare, load_metric, perplexity, record_in_pack, retention
-from peft_graft.tasks import ReasoningTask
+from peft_graft.evaluation.tasks import ReasoningTask
 
 from tiny_models import VOCAB, tiny_llama, tiny_tokenizer
 

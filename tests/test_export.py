@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from peft_graft import GraftConfig
 from peft_graft.cli import main as cli
 from peft_graft.errors import ExportError
-from peft_graft.export import export_lora
+from peft_graft.ops import export_lora
 
 from tiny_models import BUILDERS, token_batch
 
@@ -53,7 +53,7 @@ def test_exported_lora_reproduces_a_low_rank_pack(arch, tmp_path):
 def test_parts_lora_cannot_hold_are_dropped_with_a_warning_or_merged_into_the_base(tmp_path, caplog):
     targets = ["q_proj", "v_proj", "embed_tokens", "lm_head", "input_layernorm"]
     pack = _pack("llama", tmp_path / "pack", targets, r=4)
-    with caplog.at_level(logging.WARNING, logger="peft_graft.export"):
+    with caplog.at_level(logging.WARNING, logger="peft_graft.ops.export"):
         dropped = export_lora(tmp_path / "pack", tmp_path / "lora-only")
     assert "embed_tokens" in caplog.text and "lm_head" in caplog.text and "--merged-base" in caplog.text
     assert sorted(dropped.dropped) == sorted(
@@ -85,3 +85,26 @@ def test_cli_export_and_clear_errors(tmp_path, capsys):
     with pytest.raises(ExportError, match="no low-rank deltas"):
         export_lora(tmp_path / "sparse-only", tmp_path / "nothing")
     assert not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_convert_to_lora_takes_a_pack_of_linear_deltas(arch, tmp_path):
+    """GraftLinear implements PEFT's supports_lora_conversion hook, so PEFT's own convert_to_lora works on packs."""
+    from peft import convert_to_lora, set_peft_model_state_dict
+
+    pack = _pack(arch, tmp_path / "pack", LOWRANK_TARGETS[arch], r=6)
+    lora_config, state_dict = convert_to_lora(pack, rank=6)
+    assert lora_config.peft_type == "LORA" and state_dict
+    lora = get_peft_model(BUILDERS[arch](), lora_config).eval()
+    set_peft_model_state_dict(lora, state_dict)
+    expected, base = _logits(pack), _logits(BUILDERS[arch]())
+    assert (expected - base).abs().max() > 1e-2
+    torch.testing.assert_close(_logits(lora), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_convert_to_lora_refuses_a_pack_with_deltas_lora_cannot_hold(tmp_path):
+    from peft import convert_to_lora
+
+    pack = _pack("llama", tmp_path / "pack", ["q_proj", "embed_tokens", "input_layernorm"], r=4)
+    with pytest.raises(TypeError, match="do not support LoRA conversion"):
+        convert_to_lora(pack, rank=4)

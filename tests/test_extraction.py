@@ -225,14 +225,12 @@ def test_pickle_only_checkpoints_are_refused_unless_allowed(tmp_path):
 
 
 def test_an_interrupted_run_leaves_no_pack_behind(tmp_path, monkeypatch):
-    import peft_graft.extraction as extraction
-
     base_dir, tuned_dir = save_pair(tmp_path, "llama")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(extraction.GraftConfig, "save_pretrained", interrupted)  # after the weights were written
+    monkeypatch.setattr(GraftConfig, "save_pretrained", interrupted)  # after the weights were written
     with pytest.raises(KeyboardInterrupt):
         extract_skillpack(base_dir, tuned_dir, tmp_path / "pack", progress=False)
     _assert_nothing_written(tmp_path / "pack")
@@ -329,3 +327,31 @@ def test_report_is_written_and_inspect_prints_it(tmp_path):
     assert "model.layers.0.self_attn.q_proj" in shown.stdout and "4x8,4x4" in shown.stdout
     failed = subprocess.run(extract, capture_output=True, text=True)
     assert failed.returncode == 2 and "already exists" in failed.stderr
+
+
+def test_options_come_as_one_object_or_as_keywords_and_drive_the_cli(tmp_path, capsys):
+    from dataclasses import fields
+
+    from peft_graft import BudgetError, ExtractionOptions
+    from peft_graft.cli import build_parser
+
+    base_dir, tuned_dir = save_pair(tmp_path, "gpt2")
+    options = ExtractionOptions(budget=1 / 8, progress=True)
+    report = extract_skillpack(base_dir, tuned_dir, tmp_path / "pack", None, options, progress=False)
+    assert report.budget == 1 / 8 and report.pack_bytes <= report.fp16_delta_bytes / 8
+    assert options.progress is True  # keywords override a copy, never the object given
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) budgt; the options are .*budget"):
+        extract_skillpack(base_dir, tuned_dir, tmp_path / "other", budgt=0.1)
+    with pytest.raises(BudgetError):
+        ExtractionOptions(budget=1.5)
+
+    parser = build_parser()
+    parsed = parser.parse_args(["extract", "--base", "b", "--finetuned", "f", "--output", "o", "--no-act-order"])
+    assert {item.name: getattr(parsed, item.name) for item in fields(ExtractionOptions)} == {
+        **{item.name: item.default for item in fields(ExtractionOptions)},
+        "act_order": False,
+    }
+    with pytest.raises(SystemExit):
+        parser.parse_args(["extract", "--help"])
+    shown = capsys.readouterr().out
+    assert all("--" + item.name.replace("_", "-") in shown for item in fields(ExtractionOptions))

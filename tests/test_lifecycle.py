@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_graft import GraftConfig, GraftLayer, PackFormatError
 from peft_graft.errors import BaseModelMismatchError
-from peft_graft.provenance import allow_base_mismatch
+from peft_graft.pack.provenance import allow_base_mismatch
 
 from compat import needs_transformers_adapter_api
 from tiny_models import BUILDERS, EMBED_TARGETS, LINEAR_TARGETS, tiny_gpt2, tiny_llama, tiny_qwen2, token_batch

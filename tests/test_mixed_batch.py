@@ -153,11 +153,11 @@ def test_one_token_rows_run_every_pack_in_one_product_per_layer(arch, tmp_path):
                 assert (mixed[row : row + 1] - alone).abs().max() < 1e-5, (row, name)
 
     check()
-    stacked = [layer for layer in linears if layer._stacked_cache is not None]
+    stacked = [layer for layer in linears if layer._stack_cache.stacked is not None]
     assert stacked, "no layer used the stacked product"
     # a layer holding both packs stacks both: its V has the two ranks side by side
     both = [layer for layer in stacked if "a" in layer.graft_S and "b" in layer.graft_S]
-    assert both and all(layer._stacked_cache[2][0].shape[1] == layer.rank("a") + layer.rank("b") for layer in both)
+    assert both and all(layer._stack_cache.stacked[0].shape[1] == layer.rank("a") + layer.rank("b") for layer in both)
     with torch.no_grad():
         before = model(ids, adapter_names=ROW_ADAPTERS).logits
         for layer in stacked:  # in place: the cached stacks must notice

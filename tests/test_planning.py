@@ -7,16 +7,11 @@ import itertools
 import pytest
 import torch
 
-from peft_graft.compress import budget as budget_module
 from peft_graft.compress import svd as svd_module
-from peft_graft.compress.budget import (
-    LowRankCandidate,
-    SparseCandidate,
-    dense_bytes,
-    direction_bytes,
-    plan_budget,
-)
 from peft_graft.compress.svd import factorize
+from peft_graft.extraction import budget as budget_module
+from peft_graft.extraction.budget import LowRankCandidate, SparseCandidate, plan_budget
+from peft_graft.pack.cost import dense_bytes, direction_bytes
 
 
 def _with_spectrum(out_features: int, in_features: int, spectrum: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -12,16 +12,16 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_graft import GraftConfig, RoutedGraftModel, RoutingError, extract_skillpack
-from peft_graft.checkpoint import CheckpointReader
 from peft_graft.errors import BaseModelMismatchError
-from peft_graft.provenance import (
+from peft_graft.extraction.checkpoint import CheckpointReader
+from peft_graft.extraction.roles import meta_model
+from peft_graft.pack.provenance import (
     ALLOW_MISMATCH_ENV,
     allow_base_mismatch,
     base_parameters,
     fingerprint_checkpoint,
     fingerprint_model,
 )
-from peft_graft.roles import meta_model
 
 from fine_tunes import save_pair
 from tiny_models import tiny_llama, tiny_tokenizer, token_batch
@@ -67,7 +67,7 @@ def test_force_and_the_environment_variable_attach_with_a_warning(tmp_path, monk
     get_peft_model(tiny_llama(), GraftConfig(target_modules=["q_proj"], init_weights=False)).save_pretrained(
         tmp_path / "pack"
     )
-    with caplog.at_level(logging.WARNING, logger="peft_graft.provenance"), allow_base_mismatch():
+    with caplog.at_level(logging.WARNING, logger="peft_graft.pack.provenance"), allow_base_mismatch():
         PeftModel.from_pretrained(tiny_llama(seed=3), tmp_path / "pack")
     assert "Attaching anyway" in caplog.text
     monkeypatch.setenv(ALLOW_MISMATCH_ENV, "1")

@@ -27,9 +27,9 @@ pytestmark = [
 def skill():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peft_graft.bundled import bundled_model
-    from peft_graft.recipes import ARITHMETIC, finetuned_skill
-    from peft_graft.tasks import accuracy, chat_text
+    from peft_graft._demo.bundled import bundled_model
+    from peft_graft._demo.recipes import ARITHMETIC, finetuned_skill
+    from peft_graft.evaluation.tasks import accuracy, chat_text
 
     torch.set_num_threads(2)
     base_dir, tuned_dir = bundled_model(), finetuned_skill(ARITHMETIC, progress=False)
@@ -53,7 +53,7 @@ def skill():
 
 def _answer_logprobs(model, tokenizer, examples, batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Next-token log-probabilities over held-out prompt + reference answer texts."""
-    from peft_graft.tasks import chat_text
+    from peft_graft.evaluation.tasks import chat_text
 
     texts = [chat_text(tokenizer, e.question, e.answer) for e in examples]
     batches = []
@@ -94,7 +94,7 @@ def test_the_fine_tune_learned_the_skill(skill):
 
 def test_default_preset_pack_matches_the_fine_tune_far_above_the_base(skill, tmp_path):
     from peft_graft import extract_skillpack
-    from peft_graft.tasks import accuracy
+    from peft_graft.evaluation.tasks import accuracy
 
     report = extract_skillpack(skill["base_dir"], skill["tuned_dir"], tmp_path / "pack", progress=False)
     pack = _load_pack(skill, tmp_path / "pack")
@@ -105,7 +105,7 @@ def test_default_preset_pack_matches_the_fine_tune_far_above_the_base(skill, tmp
 
 def test_a_one_sixteenth_budget_pack_keeps_95_percent_of_the_gain_and_gptq_beats_rtn(skill, tmp_path):
     from peft_graft import extract_skillpack
-    from peft_graft.tasks import accuracy
+    from peft_graft.evaluation.tasks import accuracy
 
     calibrated = extract_skillpack(
         skill["base_dir"],

@@ -27,9 +27,9 @@ def routed(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peft_graft import RoutedGraftModel, extract_skillpack
-    from peft_graft.bundled import bundled_model
-    from peft_graft.recipes import ARITHMETIC, LEG_COUNTING, LETTER_COUNTING, finetuned_skill
-    from peft_graft.tasks import chat_prompt
+    from peft_graft._demo.bundled import bundled_model
+    from peft_graft._demo.recipes import ARITHMETIC, LEG_COUNTING, LETTER_COUNTING, finetuned_skill
+    from peft_graft.evaluation.tasks import chat_prompt
 
     torch.set_num_threads(2)
     base_dir = bundled_model()

@@ -12,7 +12,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 
 import peft_graft
 from peft_graft import GraftConfig, GraftModel
-from peft_graft._registration import register_graft_method
+from peft_graft.integrations import register as register_graft_method
 
 
 def test_graft_is_a_real_peft_type_member():
@@ -58,3 +58,20 @@ def test_fresh_process_import_registers_and_needs_nothing_else():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "1"
+
+
+def test_patches_outside_the_versions_they_were_written_for_are_not_applied_and_say_so(monkeypatch):
+    import peft_graft.integrations as integrations
+
+    applied = []
+    patch = integrations.Patch("peft.something", "peft", ">=0.21,<0.22", lambda: applied.append(1), "X is missing")
+    monkeypatch.setattr(integrations, "PATCHES", (patch,))
+    monkeypatch.setattr(integrations, "version", lambda package: "0.22.0")
+    with pytest.warns(
+        RuntimeWarning, match=r"peft.something was not patched: .*peft>=0.21,<0.22.*0.22.0.*X is missing"
+    ):
+        integrations.register()
+    assert applied == []
+    monkeypatch.setattr(integrations, "version", lambda package: "0.21.2")
+    integrations.register()
+    assert applied == [1]

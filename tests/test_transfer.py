@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from peft_graft import GraftConfig
-from peft_graft.tasks import ReasoningTask, few_shot_prompt, generate_answers
-from peft_graft.transfer import TransferConfig, TransferError, transfer
+from peft_graft.errors import TransferError
+from peft_graft.evaluation.tasks import ReasoningTask, few_shot_prompt, generate_answers
+from peft_graft.transfer import TransferConfig, transfer
 
 from tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-from peft_graft.finetune import full_finetune
-from peft_graft.tasks import Example
+from peft_graft._demo.finetune import full_finetune
+from peft_graft.evaluation.tasks import Example
 
 from tiny_models import tiny_tokenizer
 

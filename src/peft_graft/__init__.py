@@ -1,40 +1,109 @@
 """peft-graft: GraftLLM SkillPacks as a Hugging Face PEFT method.
 
 ``import peft_graft`` registers ``PeftType.GRAFT`` with PEFT, after which GRAFT adapters work with the usual PEFT
-calls: ``get_peft_model``, ``save_pretrained``, ``PeftModel.from_pretrained``, ``load_adapter`` and friends.
+calls: ``get_peft_model``, ``save_pretrained``, ``PeftModel.from_pretrained``, ``load_adapter`` and friends. The
+rest of the public API (extraction, routing, the Hub, export and fusion) is imported on first use, so the import
+itself costs only the tuner.
 """
 
-from ._registration import register_graft_method
-from .config import DEFAULT_PRECISION_BANDS, GraftConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
 from .errors import (
+    BaseModelMismatchError,
     BudgetError,
     CheckpointError,
     CheckpointMismatchError,
+    ExportError,
+    FusionError,
     GraftConfigError,
     GraftError,
+    HubError,
     MissingTensorError,
     NonFiniteDeltaError,
     PackFormatError,
     PickleCheckpointError,
+    RoutingError,
+    TransferError,
+    UnsafePackError,
 )
-from .extraction import ExtractionReport, ModuleReport, extract_skillpack
-from .layer import BASE_ADAPTER, GraftEmbedding, GraftLayer, GraftLinear, GraftNorm
-from .model import GraftModel, grow_vocabulary
-from .router import BaseModelEmbedder, GraftRouter, ManualRouter, RoutingError
-from .routing import PackSource, RoutedGraftModel
+from .integrations import register as _register
 
-register_graft_method()
+_register()
 
-__version__ = "0.1.0.dev0"
+# name -> module that defines it, imported when the name is first used
+_LAZY = {
+    # the tuner
+    "GraftConfig": "config",
+    "DEFAULT_PRECISION_BANDS": "config",
+    "GraftModel": "model",
+    "grow_vocabulary": "model",
+    "GraftLayer": "layer",
+    "GraftLinear": "layer",
+    "GraftEmbedding": "layer",
+    "GraftNorm": "layer",
+    "BASE_ADAPTER": "_mixed_batch",
+    # extraction
+    "extract_skillpack": "extraction",
+    "ExtractionOptions": "extraction",
+    "ExtractionReport": "extraction",
+    "ModuleReport": "extraction",
+    # routing
+    "RoutedGraftModel": "routing",
+    "GraftRouter": "routing",
+    "ManualRouter": "routing",
+    "BaseModelEmbedder": "routing",
+    "PackSource": "routing",
+    "RouterConfig": "routing",
+    # the Hub and provenance
+    "push_pack": "hub",
+    "pull_pack": "hub",
+    "allow_base_mismatch": "pack.provenance",
+    # operations on packs
+    "export_lora": "ops",
+    "merge_packs": "ops",
+}
+
+if TYPE_CHECKING:
+    from ._mixed_batch import BASE_ADAPTER
+    from .config import DEFAULT_PRECISION_BANDS, GraftConfig
+    from .extraction import ExtractionOptions, ExtractionReport, ModuleReport, extract_skillpack
+    from .hub import pull_pack, push_pack
+    from .layer import GraftEmbedding, GraftLayer, GraftLinear, GraftNorm
+    from .model import GraftModel, grow_vocabulary
+    from .ops import export_lora, merge_packs
+    from .pack.provenance import allow_base_mismatch
+    from .routing import BaseModelEmbedder, GraftRouter, ManualRouter, PackSource, RoutedGraftModel, RouterConfig
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'peft_graft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BASE_ADAPTER",
     "DEFAULT_PRECISION_BANDS",
     "BaseModelEmbedder",
+    "BaseModelMismatchError",
     "BudgetError",
     "CheckpointError",
     "CheckpointMismatchError",
+    "ExportError",
+    "ExtractionOptions",
     "ExtractionReport",
+    "FusionError",
     "GraftConfig",
     "GraftConfigError",
     "GraftEmbedding",
@@ -44,6 +113,7 @@ __all__ = [
     "GraftModel",
     "GraftNorm",
     "GraftRouter",
+    "HubError",
     "ManualRouter",
     "MissingTensorError",
     "ModuleReport",
@@ -52,8 +122,16 @@ __all__ = [
     "PackSource",
     "PickleCheckpointError",
     "RoutedGraftModel",
+    "RouterConfig",
     "RoutingError",
+    "TransferError",
+    "UnsafePackError",
     "__version__",
+    "allow_base_mismatch",
+    "export_lora",
     "extract_skillpack",
     "grow_vocabulary",
+    "merge_packs",
+    "pull_pack",
+    "push_pack",
 ]

@@ -22,6 +22,7 @@ def _bands(text: str) -> list[tuple[int | None, int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .extraction.options import ExtractionOptions
     from .transfer import TransferConfig
 
     parser = argparse.ArgumentParser(prog="peft-graft", description="GraftLLM SkillPacks for Hugging Face PEFT.")
@@ -31,27 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--base", required=True, help="base model: local folder or Hub repo id")
     extract.add_argument("--finetuned", required=True, help="fine-tuned model: local folder or Hub repo id")
     extract.add_argument("--output", required=True, help="pack folder to create")
-    extract.add_argument("--base-revision")
-    extract.add_argument("--finetuned-revision")
     extract.add_argument("--calibration", help=".jsonl ({'text': ...} per line) or .txt (one text per line) for GPTQ")
-    extract.add_argument("--calibration-samples", type=int, default=128)
-    extract.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration text")
-    extract.add_argument("--budget", type=float, help="pack size as a fraction of the fp16 delta, e.g. 0.0625")
     extract.add_argument("--attn-rank", type=int, help="rank of attention projections (GraftConfig.r)")
     extract.add_argument("--mlp-energy", type=float, help="energy kept by MLP projections (GraftConfig.mlp_energy)")
     extract.add_argument("--embed-density", type=float, help="kept fraction of embedding deltas")
     extract.add_argument("--bands", type=_bands, help="precision bands, e.g. 16:8,112:4,rest:2")
     extract.add_argument("--group-size", type=int)
-    extract.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
-    extract.add_argument("--allow-pickle", action="store_true", help="read .bin checkpoints (only if you trust them)")
-    extract.add_argument("--overwrite", action="store_true")
-    extract.add_argument("--skill", help="what the fine-tune learned, for the model card")
+    _add_settings_flags(extract, ExtractionOptions)
 
     inspect = commands.add_parser("inspect", help="print a pack's per-module table")
     inspect.add_argument("pack", help="pack folder")
 
     push = commands.add_parser("push", help="upload a pack or router folder to the Hub, with its model card")
-    push.add_argument("folder", help="pack folder (adapter_config.json) or router folder (router_config.json)")
+    push.add_argument("folder", help="pack folder, or router folder (with its router_config.json)")
     push.add_argument("repo_id", help="Hub repo, e.g. org/llama-math-skillpack")
     push.add_argument("--revision", help="branch to commit to (created if missing)")
     push.add_argument("--tag", help="tag the new commit, e.g. v1")
@@ -124,22 +117,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, settings: type) -> None:
-    """One ``--flag`` per field of a settings dataclass, with its default and help."""
+    """One ``--flag`` per field of a settings dataclass, with its default and help (its ``metadata["help"]``)."""
+    import types
+    import typing
     from dataclasses import fields
 
+    hints = typing.get_type_hints(settings)
     for item in fields(settings):
         flag = "--" + item.name.replace("_", "-")
         help_text = f"{item.metadata.get('help', '')} (default: {item.default})"
         if isinstance(item.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text)
-        elif item.name == "budget":
-            parser.add_argument(flag, type=_optional_float, default=item.default, help=help_text)
-        else:
-            parser.add_argument(flag, type=type(item.default), default=item.default, help=help_text)
+            continue
+        hint = hints[item.name]
+        choices = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kind = next(choice for choice in choices if choice is not type(None))
+        optional = type(None) in choices
+        parse = _optional(kind) if optional else kind
+        parser.add_argument(flag, type=parse, default=item.default, help=help_text)
 
 
-def _optional_float(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+def _optional(kind: type):
+    """A flag parser for an optional value: 'none' gives None."""
+
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,8 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from .config import GraftConfig
-    from .extraction import extract_skillpack
+    from .extraction import ExtractionOptions, extract_skillpack
 
     overrides = {
         "r": args.attn_rank,
@@ -174,22 +181,8 @@ def _extract(args: argparse.Namespace) -> int:
         "group_size": args.group_size,
     }
     config = GraftConfig(**{key: value for key, value in overrides.items() if value is not None})
-    report = extract_skillpack(
-        args.base,
-        args.finetuned,
-        args.output,
-        config,
-        calibration=args.calibration,
-        budget=args.budget,
-        base_revision=args.base_revision,
-        finetuned_revision=args.finetuned_revision,
-        allow_pickle=args.allow_pickle,
-        act_order=not args.no_act_order,
-        calibration_samples=args.calibration_samples,
-        calibration_length=args.calibration_length,
-        overwrite=args.overwrite,
-        skill=args.skill,
-    )
+    options = ExtractionOptions(**{item.name: getattr(args, item.name) for item in fields(ExtractionOptions)})
+    report = extract_skillpack(args.base, args.finetuned, args.output, config, options, calibration=args.calibration)
     print(report.table())
     print(f"wrote {args.output}")
     return 0
@@ -206,7 +199,8 @@ def _push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .hub import push_pack
-    from .routing import ROUTER_CONFIG, push_router_folder
+    from .routing import push_router_folder
+    from .routing.config import ROUTER_CONFIG
 
     push = push_router_folder if (Path(args.folder) / ROUTER_CONFIG).is_file() else push_pack
     commit = push(
@@ -224,7 +218,8 @@ def _push(args: argparse.Namespace) -> int:
 
 def _pull(args: argparse.Namespace) -> int:
     from .hub import pull_pack
-    from .routing import ROUTER_CONFIG, pull_router
+    from .routing import pull_router
+    from .routing.config import ROUTER_CONFIG
 
     if _has_file(args.repo_id, ROUTER_CONFIG, args.revision, args.token):
         folder = pull_router(args.repo_id, args.folder, revision=args.revision, token=args.token)
@@ -235,7 +230,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_lora
+    from .ops import export_lora
 
     if (args.base is None) != (args.merged_base is None):
         print("peft-graft: error: --base and --merged-base go together", file=sys.stderr)
@@ -262,8 +257,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .evaluation import compare, record_in_pack
-    from .extraction import load_texts
-    from .tasks import ReasoningTask
+    from .evaluation.tasks import ReasoningTask
+    from .extraction.calibration import load_texts
 
     if not args.task and not args.texts:
         print("peft-graft: error: give --task and/or --texts", file=sys.stderr)
@@ -304,12 +299,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _transfer(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .tasks import ReasoningTask
+    from ._demo.bundled import BUNDLED_MODELS, bundled_model
+    from .evaluation.tasks import ReasoningTask
     from .transfer import TransferConfig, transfer
+
+    def resolve(model: str) -> str:
+        """A bundled model's name (e.g. gemma3-270m) as its converted folder; folders and Hub ids as given."""
+        return str(bundled_model(model)) if model in BUNDLED_MODELS else model
 
     config = TransferConfig(**{item.name: getattr(args, item.name) for item in fields(TransferConfig)})
     task = ReasoningTask(args.task, **args.task_options)
-    result = transfer(args.source, args.target, task, args.work_dir, config)
+    result = transfer(resolve(args.source), resolve(args.target), task, args.work_dir, config)
     print(json.dumps(result.to_dict(), indent=2))
     return 0
 
@@ -317,7 +317,7 @@ def _transfer(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     import torch
 
-    from .fusion import merge_packs
+    from .ops import merge_packs
 
     folder = merge_packs(
         args.base,

@@ -1,4 +1,8 @@
-"""GraftConfig: the PEFT config of a SkillPack, i.e. which modules carry a delta and how it is compressed."""
+"""GraftConfig: the PEFT config of a SkillPack, i.e. which modules carry a delta and how it is compressed.
+
+It also owns the schema of a pack's adapter config file: the format version, the storage bit widths, the module
+roles and the base-fingerprint format. This module imports nothing else of peft-graft but its errors.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,13 @@ from peft.utils import PeftType
 from peft.utils.other import get_pattern_key
 
 from .errors import GraftConfigError
-from .pack_format import FORMAT_VERSION, STORAGE_BITS
-from .provenance import FINGERPRINT_PREFIX
 
+FORMAT_VERSION = 1
+"""Version of the packed tensor layout (peft_graft.pack.codec); a pack from a newer format is refused."""
+STORAGE_BITS = (2, 3, 4, 8, 16)
+"""Bit widths a precision band may use (16 = fp16)."""
+FINGERPRINT_PREFIX = "graft-fp1:"
+"""Prefix of a base-model fingerprint (peft_graft.pack.provenance)."""
 MODULE_ROLES = ("embed", "attn", "mlp", "dense", "skip")
 DEFAULT_PRECISION_BANDS: tuple[tuple[int | None, int], ...] = ((16, 8), (112, 4), (None, 2))
 
@@ -125,7 +133,7 @@ class GraftConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Fingerprint of the base model the pack was made for (parameter names, shapes and a few sampled "
-            "values; see peft_graft.provenance). Filled in by extraction and save_pretrained; checked on attach."
+            "values; see peft_graft.pack.provenance). Filled in by extraction and save_pretrained; checked on attach."
         },
     )
     pack_info: dict = field(
@@ -151,7 +159,10 @@ class GraftConfig(PeftConfig):
         self.precision_bands = _normalize_bands(self.precision_bands)
         _check_positive_int("r", self.r)
         if not isinstance(self.rank_pattern, dict):
-            raise GraftConfigError(f"rank_pattern must be a dict of module pattern -> rank, got {self.rank_pattern!r}")
+            raise GraftConfigError(
+                f"rank_pattern must be a dict of module pattern -> rank, got {self.rank_pattern!r}",
+                field="rank_pattern",
+            )
         for pattern, rank in self.rank_pattern.items():
             _check_positive_int(f"rank_pattern[{pattern!r}]", rank)
         _check_positive_int("group_size", self.group_size)
@@ -161,25 +172,29 @@ class GraftConfig(PeftConfig):
             _check_fraction(f"density_pattern[{pattern!r}]", density)
         for pattern, role in self.module_roles.items():
             if role not in MODULE_ROLES:
-                raise GraftConfigError(f"module_roles[{pattern!r}] must be one of {MODULE_ROLES}, got {role!r}")
+                raise GraftConfigError(
+                    f"module_roles[{pattern!r}] must be one of {MODULE_ROLES}, got {role!r}", field="module_roles"
+                )
         if self.vocab_size is not None:
             _check_positive_int("vocab_size", self.vocab_size)
         if not 0.0 <= self.dropout < 1.0:
-            raise GraftConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise GraftConfigError(f"dropout must be in [0, 1), got {self.dropout}", field="dropout")
         if self.base_model_fingerprint is not None and not (
             isinstance(self.base_model_fingerprint, str) and self.base_model_fingerprint.startswith(FINGERPRINT_PREFIX)
         ):
             raise GraftConfigError(
                 f"base_model_fingerprint must be a string starting with {FINGERPRINT_PREFIX!r}, "
-                f"got {self.base_model_fingerprint!r}"
+                f"got {self.base_model_fingerprint!r}",
+                field="base_model_fingerprint",
             )
         if not isinstance(self.pack_info, dict):
-            raise GraftConfigError(f"pack_info must be a dict, got {type(self.pack_info).__name__}")
+            raise GraftConfigError(f"pack_info must be a dict, got {type(self.pack_info).__name__}", field="pack_info")
         _check_positive_int("format_version", self.format_version)
         if self.format_version > FORMAT_VERSION:
             raise GraftConfigError(
                 f"this pack uses format version {self.format_version}, but this peft-graft reads up to "
-                f"{FORMAT_VERSION}; upgrade peft-graft to load it"
+                f"{FORMAT_VERSION}; upgrade peft-graft to load it",
+                field="format_version",
             )
         if self.precision_bands[-1][0] is not None:
             covered = sum(n for n, _ in self.precision_bands)
@@ -187,11 +202,12 @@ class GraftConfig(PeftConfig):
             if largest > covered:
                 raise GraftConfigError(
                     f"precision_bands cover {covered} directions but ranks go up to {largest}; "
-                    "end the bands with (None, bits) to cover the rest"
+                    "end the bands with (None, bits) to cover the rest",
+                    field="precision_bands",
                 )
 
     def to_dict(self) -> dict:
-        # Sets are written in sorted order so that saving the same pack twice gives the same adapter_config.json.
+        # Sets are written in sorted order so that saving the same pack twice gives the same config file.
         return {key: sorted(value) if isinstance(value, set) else value for key, value in super().to_dict().items()}
 
     def rank_for(self, module_name: str) -> int:
@@ -212,28 +228,37 @@ class GraftConfig(PeftConfig):
 
 def _check_fraction(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise GraftConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+        raise GraftConfigError(f"{name} must be a number in (0, 1], got {value!r}", field=name)
 
 
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise GraftConfigError(f"{name} must be a positive integer, got {value!r}")
+        raise GraftConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
 
 
 def _normalize_bands(bands: object) -> list[tuple[int | None, int]]:
     """Validate precision bands and turn JSON lists back into tuples."""
     if not isinstance(bands, (list, tuple)) or not bands:
-        raise GraftConfigError(f"precision_bands must be a non-empty list of (n_directions, bits), got {bands!r}")
+        raise GraftConfigError(
+            f"precision_bands must be a non-empty list of (n_directions, bits), got {bands!r}", field="precision_bands"
+        )
     normalized: list[tuple[int | None, int]] = []
     for position, band in enumerate(bands):
         if not isinstance(band, (list, tuple)) or len(band) != 2:
-            raise GraftConfigError(f"precision_bands[{position}] must be a pair (n_directions, bits), got {band!r}")
+            raise GraftConfigError(
+                f"precision_bands[{position}] must be a pair (n_directions, bits), got {band!r}",
+                field="precision_bands",
+            )
         n_directions, bits = band
         if n_directions is not None:
             _check_positive_int(f"precision_bands[{position}] n_directions", n_directions)
         if isinstance(bits, bool) or bits not in STORAGE_BITS:
-            raise GraftConfigError(f"precision_bands[{position}] bits must be one of {STORAGE_BITS}, got {bits!r}")
+            raise GraftConfigError(
+                f"precision_bands[{position}] bits must be one of {STORAGE_BITS}, got {bits!r}", field="precision_bands"
+            )
         if n_directions is None and position != len(bands) - 1:
-            raise GraftConfigError("only the last precision band may use n_directions=None ('the rest')")
+            raise GraftConfigError(
+                "only the last precision band may use n_directions=None ('the rest')", field="precision_bands"
+            )
         normalized.append((n_directions, bits))
     return normalized

@@ -1,22 +1,65 @@
-"""Typed errors. Each subclasses ValueError where a bad value is the cause, so plain `except ValueError` still works."""
+"""Every error peft-graft raises.
+
+Each subclasses the standard exception it stands for (``ValueError`` for a bad value, ``OSError`` for a failed
+transfer), so plain ``except ValueError`` / ``except OSError`` keep working, and carries what it is about as
+attributes (a path, a repo id, fingerprints), all ``None`` where unknown.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class GraftError(Exception):
     """Base class of every error raised by peft-graft."""
 
 
+# ----- configs and packs --------------------------------------------------------------------------------------------
+
+
 class GraftConfigError(GraftError, ValueError):
-    """A GraftConfig field holds an invalid value."""
+    """A GraftConfig (or another options object) field holds an invalid value; `field` names it."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PackFormatError(GraftError, ValueError):
-    """The tensors of a SkillPack do not form a valid packed delta (corrupt, truncated or from a newer format)."""
+    """The files or tensors of a SkillPack do not form a valid pack (corrupt, truncated, or from a newer format)."""
+
+    def __init__(self, message: str, *, path: Any = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class UnsafePackError(GraftError, ValueError):
+    """A SkillPack or router folder holds something peft-graft refuses to load (pickle, paths leaving the folder)."""
+
+    def __init__(self, message: str, *, path: Any = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class BaseModelMismatchError(GraftError, ValueError):
+    """A SkillPack is being attached to a base model other than the one it was made for."""
+
+    def __init__(self, message: str, *, expected: str | None = None, found: str | None = None) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.found = found
+
+
+# ----- extraction ---------------------------------------------------------------------------------------------------
 
 
 class CheckpointError(GraftError, ValueError):
-    """A checkpoint given to extraction cannot be used as it is."""
+    """A checkpoint given to extraction cannot be used as it is; `source` is the checkpoint, `tensor` the name."""
+
+    def __init__(self, message: str, *, source: Any = None, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.source = source
+        self.tensor = tensor
 
 
 class PickleCheckpointError(CheckpointError):
@@ -36,28 +79,39 @@ class NonFiniteDeltaError(CheckpointError):
 
 
 class BudgetError(GraftError, ValueError):
-    """The requested byte budget cannot be met."""
+    """The requested byte budget cannot be met; `budget` is the fraction asked for."""
+
+    def __init__(self, message: str, *, budget: float | None = None) -> None:
+        super().__init__(message)
+        self.budget = budget
 
 
-class BaseModelMismatchError(GraftError, ValueError):
-    """A SkillPack is being attached to a base model other than the one it was made for."""
+# ----- Hub and routing ----------------------------------------------------------------------------------------------
 
 
-class HubError(GraftError):
+class HubError(GraftError, OSError):
     """A SkillPack or router could not be pushed to or pulled from the Hugging Face Hub."""
 
+    def __init__(self, message: str, *, repo_id: str | None = None, revision: str | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.revision = revision
 
-class UnsafePackError(GraftError, ValueError):
-    """A SkillPack or router folder holds something peft-graft refuses to load (pickle, paths leaving the folder)."""
+
+class RoutingError(GraftError, ValueError):
+    """A router or routed model is used inconsistently (unknown pack, labels that do not match, bad router folder)."""
+
+
+# ----- operations on packs ------------------------------------------------------------------------------------------
 
 
 class ExportError(GraftError, ValueError):
     """A SkillPack cannot be exported in the requested format as asked."""
 
 
-class TransferError(GraftError, ValueError):
-    """A transfer run cannot run, or cannot resume, as asked."""
-
-
 class FusionError(GraftError, ValueError):
     """SkillPacks cannot be combined into one model as asked."""
+
+
+class TransferError(GraftError, ValueError):
+    """A transfer run cannot run, or cannot resume, as asked."""

@@ -1,86 +1,31 @@
-"""SkillPacks and routers on the Hugging Face Hub: push, pull, and safe loading of pack files.
+"""SkillPacks and routers on the Hugging Face Hub: transport only (push, pull, download a pack's weights).
 
 Everything goes through ``huggingface_hub`` (``create_repo``, ``create_commit``, ``create_tag``,
-``hf_hub_download``, ``snapshot_download``). Packs load only from safetensors and JSON: a pack that offers only
-pickle weights is refused, configs are validated before anything is attached, and downloaded weight files are
-checked against their safetensors header so a truncated or corrupted download fails with a clear error.
+``hf_hub_download``, ``snapshot_download``). What is downloaded is checked by ``peft_graft.pack.folder`` before use:
+only safetensors and JSON, pickle refused, weight files checked against their safetensors header, so a truncated or
+corrupted download fails with a clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import importlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cards import CARD_FILE, pack_card
-from .checkpoint import TOKENIZER_FILES, read_safetensors_header
-from .errors import CheckpointError, GraftConfigError, HubError, PackFormatError, UnsafePackError
+from .errors import HubError
+from .pack import layout
+from .pack.card import pack_card
+from .pack.folder import PackFolder, check_pack_weights, pickle_refusal
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-REPORT_FILE = "graft_report.json"
-PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
-# What a pack folder may hold; nothing else is downloaded or uploaded.
-PACK_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT_FILE, CARD_FILE, *TOKENIZER_FILES)
 _DOWNLOAD_KEYS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "subfolder")
 
 
-# ----- validation ----------------------------------------------------------------------------------------------------
-
-
-def validate_pack_config(config: dict[str, Any], where: str) -> None:
-    """Refuse an adapter_config.json that is not a valid GRAFT config (before anything is attached)."""
-    from .config import GraftConfig
-
-    if not isinstance(config, dict):
-        raise PackFormatError(f"{where}: adapter_config.json must hold a JSON object")
-    peft_type = config.get("peft_type")
-    if peft_type != "GRAFT":
-        raise PackFormatError(
-            f"{where}: adapter_config.json has peft_type {peft_type!r}, not 'GRAFT'; this is not a SkillPack "
-            "(load other adapter types with PEFT directly)"
-        )
-    known = set(GraftConfig.__dataclass_fields__)
-    try:
-        GraftConfig(**{key: value for key, value in config.items() if key in known})
-    except (GraftConfigError, TypeError, ValueError) as error:
-        raise PackFormatError(f"{where}: invalid adapter_config.json: {error}") from None
-
-
-def check_pack_weights(file: str | os.PathLike, where: str) -> None:
-    """Check that a pack file is a complete safetensors file (catches truncated or corrupted downloads)."""
-    try:
-        read_safetensors_header(Path(file))
-    except CheckpointError as error:
-        raise PackFormatError(
-            f"{where}: the pack weights are damaged ({error}). If they were downloaded, download them again "
-            "(force_download=True) or check the repo."
-        ) from None
-
-
 def check_pack_folder(folder: str | os.PathLike) -> Path:
-    """Validate a local pack folder: a GRAFT config, safetensors weights, no pickle. Returns the folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    config_file = folder / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise PackFormatError(f"{folder} has no {ADAPTER_CONFIG}: it is not a SkillPack folder")
-    validate_pack_config(_read_json(config_file, str(folder)), str(folder))
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        pickled = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
-        if pickled:
-            raise UnsafePackError(
-                f"{folder} holds only pickle weights ({', '.join(pickled)}), which can run code when loaded; "
-                "SkillPacks load from safetensors only. Re-save the pack with safe_serialization=True."
-            )
-        raise PackFormatError(f"{folder} has no {ADAPTER_WEIGHTS}")
-    check_pack_weights(weights, str(folder))
-    return folder
+    """Validate a local pack folder (GRAFT config, safetensors weights, no pickle). Returns the folder."""
+    return PackFolder(folder).path
 
 
 # ----- loading -------------------------------------------------------------------------------------------------------
@@ -91,25 +36,25 @@ def is_graft_adapter(model_id: str | os.PathLike, **download: Any) -> bool:
     from peft import PeftConfig
 
     try:
-        return PeftConfig._get_peft_type(str(model_id), **_download_kwargs(download)) == "GRAFT"
+        return PeftConfig._get_peft_type(str(model_id), **_download_kwargs(download)) == layout.PEFT_TYPE
     except (ValueError, OSError):
         return False
 
 
 def pack_weights_file(model_id: str | os.PathLike, **download: Any) -> Path:
-    """The checked ``adapter_model.safetensors`` of a pack (local folder, or downloaded from a Hub repo)."""
+    """The checked weight file of a pack (local folder, or downloaded from a Hub repo)."""
     download = _download_kwargs(download)
     subfolder = download.pop("subfolder", None)
     local = Path(model_id) / subfolder if subfolder else Path(model_id)
     if local.is_dir():
-        return check_pack_folder(local) / ADAPTER_WEIGHTS
+        return PackFolder(local).weights_file
     weights = Path(_download_weights(str(model_id), subfolder, download))
     check_pack_weights(weights, f"{model_id} (downloaded to {weights})")
     return weights
 
 
 def load_pack_weights(model_id: str | os.PathLike, device: str | None = None, **download: Any) -> dict:
-    """The tensors of a pack, from ``adapter_model.safetensors`` only (local folder or Hub repo)."""
+    """The tensors of a pack, from its safetensors weight file only (local folder or Hub repo)."""
     from safetensors.torch import load_file
 
     return load_file(pack_weights_file(model_id, **download), device=device or "cpu")
@@ -121,18 +66,17 @@ def _download_weights(repo_id: str, subfolder: str | None, download: dict[str, A
 
     with hub_errors("download the pack", repo_id, download.get("revision")):
         try:
-            return hf_hub_download(repo_id, ADAPTER_WEIGHTS, subfolder=subfolder, **download)
+            return hf_hub_download(repo_id, layout.ADAPTER_WEIGHTS, subfolder=subfolder, **download)
         except RemoteEntryNotFoundError:
             revision, token = download.get("revision"), download.get("token")
             prefix = f"{subfolder}/" if subfolder else ""
             pickled = [
-                name for name in PICKLE_WEIGHTS if file_exists(repo_id, prefix + name, revision=revision, token=token)
+                name
+                for name in layout.PICKLE_WEIGHTS
+                if file_exists(repo_id, prefix + name, revision=revision, token=token)
             ]
             if pickled:
-                raise UnsafePackError(
-                    f"{repo_id} offers only pickle weights ({', '.join(pickled)}), which can run code when loaded; "
-                    "SkillPacks load from safetensors only"
-                ) from None
+                raise pickle_refusal(repo_id, pickled) from None
             raise
 
 
@@ -154,20 +98,19 @@ def pull_pack(
                 revision=revision,
                 token=token,
                 local_dir=local_dir,
-                allow_patterns=list(PACK_FILES),
+                allow_patterns=list(layout.PACK_FILES),
                 force_download=force_download,
             )
         )
-        if not (folder / ADAPTER_WEIGHTS).is_file():
+        if not (folder / layout.ADAPTER_WEIGHTS).is_file():
             pickled = [
-                name for name in list_repo_files(repo_id, revision=revision, token=token) if name in PICKLE_WEIGHTS
+                name
+                for name in list_repo_files(repo_id, revision=revision, token=token)
+                if name in layout.PICKLE_WEIGHTS
             ]
             if pickled:
-                raise UnsafePackError(
-                    f"{repo_id} offers only pickle weights ({', '.join(pickled)}), which can run code when loaded; "
-                    "SkillPacks load from safetensors only"
-                )
-    return check_pack_folder(folder)
+                raise pickle_refusal(repo_id, pickled)
+    return PackFolder(folder).path
 
 
 # ----- pushing -------------------------------------------------------------------------------------------------------
@@ -188,20 +131,20 @@ def push_pack(
 
     Returns the commit id. Only the pack's own files are uploaded.
     """
-    folder = check_pack_folder(folder)
-    card = str(pack_card(folder, repo_id=repo_id)).encode("utf-8")
-    files = [folder / name for name in PACK_FILES if name != CARD_FILE and (folder / name).is_file()]
+    pack = PackFolder(folder)
+    card = str(pack_card(pack, repo_id=repo_id)).encode("utf-8")
+    files = [file for file in pack.files() if file.name != layout.CARD_FILE]
     return upload_files(
         repo_id,
         files,
-        {CARD_FILE: card},
+        {layout.CARD_FILE: card},
         revision=revision,
         tag=tag,
         private=private,
         token=token,
         commit_message=commit_message or "Upload SkillPack with peft-graft",
         create_pr=create_pr,
-        root=folder,
+        root=pack.path,
     )
 
 
@@ -245,34 +188,45 @@ def hub_errors(action: str, repo_id: str, revision: str | None = None) -> Iterat
     from huggingface_hub import errors
 
     where = f"{repo_id}@{revision}" if revision else repo_id
+
+    def failed(message: str) -> HubError:
+        return HubError(f"cannot {action} {where}: {message}", repo_id=repo_id, revision=revision)
+
     try:
         yield
     except errors.RevisionNotFoundError as error:
-        raise HubError(
-            f"cannot {action} {where}: revision {revision!r} does not exist; check the branch/tag"
-        ) from error
+        raise failed(f"revision {revision!r} does not exist; check the branch/tag") from error
     except errors.RemoteEntryNotFoundError as error:
-        raise HubError(f"cannot {action} {where}: a file is missing from the repo ({error.response.url})") from error
+        raise failed(f"a file is missing from the repo ({error.response.url})") from error
     except errors.RepositoryNotFoundError as error:
-        raise HubError(
-            f"cannot {action} {where}: the repo does not exist or you have no access; check the repo id, and log in "
-            "(`hf auth login`) for private repos"
+        raise failed(
+            "the repo does not exist or you have no access; check the repo id, and log in (`hf auth login`) for "
+            "private repos"
         ) from error
     except errors.LocalEntryNotFoundError as error:
-        raise HubError(
-            f"cannot {action} {where}: the Hub ({_endpoint()}) could not be reached and nothing is cached; check "
-            "the network / HF_ENDPOINT, or use a local folder"
+        raise failed(
+            f"the Hub ({_endpoint()}) could not be reached and nothing is cached; check the network / HF_ENDPOINT, "
+            "or use a local folder"
         ) from error
     except errors.HfHubHTTPError as error:
-        raise HubError(f"cannot {action} {where}: the Hub answered {error}") from error
+        raise failed(f"the Hub answered {error}") from error
     except OSError as error:
-        if isinstance(error, (FileNotFoundError, PermissionError)):
+        if isinstance(error, (FileNotFoundError, PermissionError, HubError)):
             raise
-        raise HubError(f"cannot {action} {where}: {error} (is {_endpoint()} reachable?)") from error
-    except Exception as error:
-        if type(error).__module__.startswith(("httpx", "httpcore")):
-            raise HubError(f"cannot {action} {where}: {error} (is {_endpoint()} reachable?)") from error
-        raise
+        raise failed(f"{error} (is {_endpoint()} reachable?)") from error
+    except _transport_errors() as error:
+        raise failed(f"{error} (is {_endpoint()} reachable?)") from error
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's own error classes (httpx for huggingface_hub 1.x, httpx2 for 2.x), where installed."""
+    found = []
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).HTTPError)
+        except ImportError:
+            continue
+    return tuple(found)
 
 
 def _endpoint() -> str:
@@ -285,18 +239,4 @@ def _download_kwargs(download: dict[str, Any]) -> dict[str, Any]:
     return {key: download[key] for key in _DOWNLOAD_KEYS if download.get(key) is not None}
 
 
-def _read_json(path: Path, where: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PackFormatError(f"{where}: {path.name} is not valid JSON ({error})") from None
-
-
-__all__ = [
-    "check_pack_folder",
-    "load_pack_weights",
-    "pull_pack",
-    "push_pack",
-    "validate_pack_config",
-]
+__all__ = ["check_pack_folder", "load_pack_weights", "pull_pack", "push_pack"]

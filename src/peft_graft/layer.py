@@ -19,9 +19,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from collections.abc import Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -31,20 +29,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._mixed_batch import BASE_ADAPTER, ROW_ADAPTERS, StackCache, row_adapters, row_slots
 from .compress import csr_row_pointers, scatter_dense
-from .errors import PackFormatError
-from .pack_format import PackingPolicy, decode_module, encode_module
-
-BASE_ADAPTER = "__base__"
-"""Name to put in ``adapter_names`` for rows that should run on the base model alone."""
-
-ROW_ADAPTERS: ContextVar[list[str] | None] = ContextVar("peft_graft_row_adapters", default=None)
-"""Per-row adapter names of the forward / generate call running in this thread (or task).
-
-PEFT passes ``adapter_names`` to layers through forward pre-hooks registered on the shared modules, so two threads
-would overwrite each other's names. A context variable is private to each thread, so concurrent calls with
-different packs stay independent.
-"""
 
 # Held while a GraftNorm runs its base norm, whose parameters it may swap for the call (see GraftNorm._forward_with).
 _NORM_PARAMETER_LOCK = threading.Lock()
@@ -53,19 +39,24 @@ _NORM_PARAMETER_LOCK = threading.Lock()
 _RANDOM_DELTA_SCALE = 0.1
 
 
-@dataclass(frozen=True)
-class PackedDelta:
-    """The packed tensors an adapter was loaded from, and the policy they were written with."""
-
-    policy: PackingPolicy
-    tensors: dict[str, torch.Tensor]
-
-
 class GraftLayer(BaseTunerLayer):
-    """State shared by all GRAFT layers: per-adapter containers in PEFT's layout."""
+    """The GRAFT tuner layer: per-adapter deltas in PEFT's containers, and the forward, mixed-batch and merge logic.
+
+    Concrete layers (``GraftLinear``, ``GraftEmbedding``, ``GraftNorm``) set `delta_shape` (the weight's logical
+    shape) and define the delta's contribution to the output (`_delta_output`). Nothing here reads or writes pack
+    files: ``peft_graft.pack.adapter_io`` turns an adapter into pack tensors and back, through `set_delta`.
+    """
 
     adapter_layer_names = ("graft_U", "graft_S", "graft_V", "graft_values", "graft_bias")
+    # graft_packed is pack.adapter_io's per-adapter record of the tensors an adapter was loaded from; it is listed
+    # here so that PEFT's own delete_adapter drops it with the adapter.
     other_param_names = ("graft_indices", "graft_dropout", "graft_packed", "graft_dense_rows_from", "graft_tied")
+
+    delta_shape: tuple[int, ...]
+    # Sparse-role layers (embeddings, lm_head) are magnitude-pruned to embed_density when a trained delta is saved.
+    prune_on_save = False
+    # Layout of the base weight relative to `delta_shape`: Conv1D stores (in, out).
+    transposed_weight = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
@@ -76,65 +67,49 @@ class GraftLayer(BaseTunerLayer):
         self.graft_bias = nn.ParameterDict({})
         self.graft_indices = BufferDict({}, persistent=True)
         self.graft_dropout = nn.ModuleDict({})
-        self.graft_packed: dict[str, PackedDelta] = {}
+        self.graft_packed: dict[str, Any] = {}
         # sparse adapters of grown vocabularies: rows from here on are stored as a dense block
         self.graft_dense_rows_from: dict[str, int] = {}
         # adapters whose weight delta is the delta of another (tied) layer, e.g. lm_head tied to embed_tokens
         self.graft_tied: dict[str, None] = {}
         self._merge_restore: dict[str, list[tuple[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._csr_cache: dict[str, tuple[Any, torch.Tensor, torch.Tensor]] = {}
-        # (row layout, [(factor, fingerprint)], stacked tensors) of the last one-token mixed batch, see GraftLinear
-        self._stacked_cache: tuple[tuple, list, tuple[torch.Tensor, ...]] | None = None
+        # the factors (or norm shifts) of the last one-token mixed batch, stacked; see GraftLinear
+        self._stack_cache = StackCache()
         # GraftNorm: whether the base norm broadcasts per-row parameters (None: not tried yet)
         self._rows_broadcast: bool | None = None
         self._disable_adapters = False
         self.merged_adapters = []
 
-
-class _GraftModule(nn.Module, GraftLayer):
-    """Forward, mixed-batch, merge and packing logic common to every GRAFT layer.
-
-    Subclasses set `delta_shape` (the weight's logical shape) and define the delta's contribution to the output
-    (`_delta_output`).
-    """
-
-    delta_shape: tuple[int, ...]
-    # Sparse-role layers (embeddings, lm_head) are magnitude-pruned to embed_density when a trained delta is saved.
-    prune_on_save = False
-    # Layout of the base weight relative to `delta_shape`: Conv1D stores (in, out).
-    transposed_weight = False
-
-    def _init_layer(self, base_layer: nn.Module, adapter_name: str) -> None:
-        GraftLayer.__init__(self, base_layer)
-        self._active_adapter = adapter_name
-
     # ----- which adapters and which form -------------------------------------------------------------------
 
-    def _source(self) -> _GraftModule:
+    def _source(self) -> GraftLayer:
         """The layer that holds the weight deltas of tied adapters (itself unless tied)."""
         return self.__dict__.get("_tied_source", self)
 
-    def _owns(self, adapter: str) -> bool:
+    def owns(self, adapter: str) -> bool:
+        """Whether this layer holds a delta (of its weight, through a tied layer, or of its bias) for `adapter`."""
         if adapter in self.graft_tied:
-            return self._source()._owns(adapter)
+            return self._source().owns(adapter)
         # graft_U and graft_V never come without graft_S
         return adapter in self.graft_S or adapter in self.graft_values or adapter in self.graft_bias
 
-    def _weight_parts(self, adapter: str) -> dict[str, torch.Tensor]:
-        """The weight-delta tensors of an adapter (the tied source's, if tied)."""
+    def delta_parts(self, adapter: str) -> dict[str, torch.Tensor]:
+        """The weight-delta tensors of an adapter (the tied source's, if tied), named like the containers."""
         layer = self._source() if adapter in self.graft_tied else self
         names = ("graft_U", "graft_S", "graft_V", "graft_values", "graft_indices")
         return {name: getattr(layer, name)[adapter] for name in names if adapter in getattr(layer, name)}
 
     def _indices(self, adapter: str) -> torch.Tensor | None:
-        return self._weight_parts(adapter).get("graft_indices")
+        return self.delta_parts(adapter).get("graft_indices")
 
-    def _adapter_dtype(self, adapter: str) -> torch.dtype:
+    def adapter_dtype(self, adapter: str) -> torch.dtype:
         return next(getattr(self, n)[adapter].dtype for n in self.adapter_layer_names if adapter in getattr(self, n))
 
     # ----- forward ---------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base output plus the active adapters' deltas (or each row's own, in a mixed batch)."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             adapter_names = ROW_ADAPTERS.get()
@@ -146,7 +121,7 @@ class _GraftModule(nn.Module, GraftLayer):
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        return self._forward_with(x, [a for a in self.active_adapters if self._owns(a)], *args, **kwargs)
+        return self._forward_with(x, [a for a in self.active_adapters if self.owns(a)], *args, **kwargs)
 
     def _forward_with(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base output plus the given adapters' deltas."""
@@ -166,12 +141,12 @@ class _GraftModule(nn.Module, GraftLayer):
                 "pass one adapter name per row"
             )
         result = self.base_layer(x, *args, **kwargs)
-        merged = [adapter for adapter in self.merged_adapters if self._owns(adapter)]
+        merged = [adapter for adapter in self.merged_adapters if self.owns(adapter)]
         rows_by_adapter: dict[str, list[int]] = {}
         for row, name in enumerate(adapter_names):
             rows_by_adapter.setdefault(name, []).append(row)
         for name, rows in rows_by_adapter.items():
-            wanted = [name] if name != BASE_ADAPTER and self._owns(name) else []
+            wanted = [name] if name != BASE_ADAPTER and self.owns(name) else []
             add = [adapter for adapter in wanted if adapter not in merged]
             remove = [adapter for adapter in merged if adapter not in wanted]
             if add or remove:
@@ -195,10 +170,10 @@ class _GraftModule(nn.Module, GraftLayer):
         A tied adapter only records the merge: its source layer adds the shared delta to the shared weight once.
         """
         for adapter in check_adapters_to_merge(self, adapter_names):
-            if not self._owns(adapter):
+            if not self.owns(adapter):
                 continue
             records = []
-            for name, index, delta in self._merge_parts(adapter):
+            for name, index, delta in self.merge_parts(adapter):
                 target = getattr(self.get_base_layer(), name).data
                 records.append((name, _merge_exactly(_contiguous(target), index, delta, safe_merge)))
             self._merge_restore[adapter] = records
@@ -212,17 +187,17 @@ class _GraftModule(nn.Module, GraftLayer):
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             records = dict(self._merge_restore.pop(adapter))
-            for name, index, delta in self._merge_parts(adapter):
+            for name, index, delta in self.merge_parts(adapter):
                 target = getattr(self.get_base_layer(), name).data
                 _unmerge_exactly(_contiguous(target), index, delta, records[name])
 
-    def _merge_parts(self, adapter: str) -> list[tuple[str, torch.Tensor | None, torch.Tensor]]:
+    def merge_parts(self, adapter: str) -> list[tuple[str, torch.Tensor | None, torch.Tensor]]:
         """``(base parameter name, flat index or None, delta values)`` to add, in the base parameter's layout."""
         parts = []
         if adapter not in self.graft_tied:
             indices = self._indices(adapter)
             if indices is not None:
-                parts.append(("weight", indices, self._weight_parts(adapter)["graft_values"]))
+                parts.append(("weight", indices, self.delta_parts(adapter)["graft_values"]))
             else:
                 parts.append(("weight", None, self.get_delta_weight(adapter)))
         if adapter in self.graft_bias:
@@ -231,7 +206,7 @@ class _GraftModule(nn.Module, GraftLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The dense delta of the weight, in the base weight's layout."""
-        parts = self._weight_parts(adapter)
+        parts = self.delta_parts(adapter)
         if "graft_S" in parts:
             delta = (parts["graft_U"] * parts["graft_S"]) @ parts["graft_V"].T
         elif "graft_indices" in parts:
@@ -292,68 +267,10 @@ class _GraftModule(nn.Module, GraftLayer):
         if dense_rows_from is not None:
             self.graft_dense_rows_from[adapter] = dense_rows_from
 
-    def _state_tensors(self, adapter: str) -> dict[str, torch.Tensor]:
-        names = (*self.adapter_layer_names, "graft_indices")
-        return {name: getattr(self, name)[adapter] for name in names if adapter in getattr(self, name)}
-
-    def pack_adapter(self, adapter: str, floats: dict[str, torch.Tensor], policy: PackingPolicy) -> dict[str, Any]:
-        """Packed tensors (keys relative to this module) for the adapter's float tensors `floats`."""
-        reused = self._reuse_loaded_pack(adapter, floats, policy)
-        if reused is not None:
-            return reused
-        packed = encode_module(
-            floats,
-            self.delta_shape,
-            policy,
-            prune=self.prune_on_save,
-            dense_rows_from=self.graft_dense_rows_from.get(adapter),
-        )
-        return {name: tensor.cpu() for name, tensor in packed.items()}
-
-    def unpack_adapter(self, adapter: str, tensors: dict[str, torch.Tensor], policy: PackingPolicy) -> dict[str, Any]:
-        """Decode packed tensors once, in the adapter's dtype, and install them as the adapter's form and shapes."""
-        decoded = decode_module(tensors, self.delta_shape, self._adapter_dtype(adapter))
-        floats = decoded.tensors
-        if "graft_S" in floats:
-            u, v = floats["graft_U"], floats["graft_V"]
-            if (u.shape[0], v.shape[0]) != (self.delta_shape[0], self.delta_shape[1]):
-                raise PackFormatError(
-                    f"the pack stores a delta of shape {(u.shape[0], v.shape[0])} but the layer's weight is "
-                    f"{tuple(self.delta_shape)}; the pack must belong to this base model"
-                )
-        if "graft_bias" in floats and self.get_base_layer().bias is None:
-            raise PackFormatError("the pack stores a bias delta but the base layer has no bias")
-        self.set_delta(
-            adapter,
-            lowrank=(floats["graft_U"], floats["graft_S"], floats["graft_V"]) if "graft_S" in floats else None,
-            values=floats.get("graft_values"),
-            indices=floats.get("graft_indices"),
-            bias=floats.get("graft_bias"),
-            dense_rows_from=decoded.dense_rows_from,
-        )
-        self.graft_packed[adapter] = PackedDelta(policy, {name: t.cpu() for name, t in tensors.items()})
-        return floats
-
-    def _reuse_loaded_pack(
-        self, adapter: str, floats: dict[str, torch.Tensor], policy: PackingPolicy
-    ) -> dict[str, torch.Tensor] | None:
-        """The tensors this adapter was loaded from, if its floats still equal their decoding under `policy`."""
-        packed = self.graft_packed.get(adapter)
-        if packed is None or packed.policy != policy:
-            return None
-        dtype = next(tensor.dtype for tensor in floats.values() if tensor.is_floating_point())
-        decoded = decode_module(packed.tensors, self.delta_shape, dtype).tensors
-        if decoded.keys() != floats.keys():
-            return None
-        for name, tensor in floats.items():
-            if not torch.equal(decoded[name], tensor.detach().to(decoded[name].device)):
-                return None
-        return dict(packed.tensors)
-
     def grow_rows(self, rows: int) -> None:
         """Follow the base weight growing to `rows` rows (added tokens): dense deltas get zero rows."""
         self.delta_shape = (rows, *self.delta_shape[1:])
-        if isinstance(self, GraftEmbedding):
+        if isinstance(self.get_base_layer(), nn.Embedding):
             self.in_features = rows
         else:
             self.out_features = rows
@@ -366,7 +283,7 @@ class _GraftModule(nn.Module, GraftLayer):
                 )
         self._forget_caches()
 
-    def tie_to(self, source: _GraftModule, adapter: str) -> None:
+    def tie_to(self, source: GraftLayer, adapter: str) -> None:
         """Make `adapter`'s weight delta here the one held by `source` (tied weights): stored and merged once."""
         if tuple(source.delta_shape) != tuple(self.delta_shape):
             raise ValueError(f"cannot tie a {self.delta_shape} delta to a {source.delta_shape} one")
@@ -385,35 +302,13 @@ class _GraftModule(nn.Module, GraftLayer):
     def _forget_caches(self) -> None:
         """Drop what was derived from adapter tensors; called whenever an adapter's tensors are replaced."""
         self._csr_cache.clear()
-        self._stacked_cache = None
-
-    def _cached_stack(self, layout: tuple) -> tuple[torch.Tensor, ...] | None:
-        """The tensors stacked for a mixed batch of this row layout, if the adapter tensors they came from are
-        unchanged. Every decoding step of a generate call repeats its layout, so one entry per layer suffices."""
-        cached = self._stacked_cache
-        if cached is not None and cached[0] == layout and all(_fingerprint(t) == f for t, f in cached[1]):
-            return cached[2]
-        return None
-
-    def _cache_stack(self, layout: tuple, sources: list[torch.Tensor], stacked: tuple[torch.Tensor, ...]) -> None:
-        self._stacked_cache = (layout, [(t, _fingerprint(t)) for t in sources], stacked)
-
-    def _row_adapters(self, adapter_names: list[str]) -> list[str]:
-        """The distinct adapters of a mixed batch that have a delta in this layer, in order of first appearance."""
-        return list(dict.fromkeys(a for a in adapter_names if a != BASE_ADAPTER and self._owns(a)))
-
-    @staticmethod
-    def _row_slots(adapter_names: list[str], names: list[str], device: torch.device) -> torch.Tensor:
-        """Per row, its adapter's slot in a per-adapter table whose slot 0 is "no delta here" (base rows, adapters
-        this layer does not hold) and slot i + 1 is ``names[i]``; indexing the table with this gives per-row rows."""
-        slot = {name: index + 1 for index, name in enumerate(names)}
-        return torch.tensor([slot.get(a, 0) for a in adapter_names], device=device)
+        self._stack_cache.clear()
 
     def __repr__(self) -> str:
-        return "graft." + super().__repr__()
+        return "graft." + nn.Module.__repr__(self)
 
 
-class GraftLinear(_GraftModule):
+class GraftLinear(nn.Module, GraftLayer):
     """``nn.Linear`` / ``Conv1D``: a low-rank delta when created for training, any form when loaded.
 
     With ``sparse_role=True`` (the output embedding) a trainable delta starts dense and is pruned when saved.
@@ -421,14 +316,20 @@ class GraftLinear(_GraftModule):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, rank: int, sparse_role: bool = False) -> None:
         super().__init__()
-        self._init_layer(base_layer, adapter_name)
+        GraftLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self.delta_shape = (self.out_features, self.in_features)
         self.transposed_weight = self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
         self.prune_on_save = sparse_role
         self.update_layer(adapter_name, config, rank=rank, inference_mode=config.inference_mode)
 
+    # nn.Module's own forward and __repr__ come before GraftLayer's in the method resolution order
+    forward = GraftLayer.forward
+    __repr__ = GraftLayer.__repr__
+
     def update_layer(self, adapter_name: str, config, rank: int, inference_mode: bool = False) -> None:
+        """Add (or reset) an adapter: a low-rank delta at `rank`, or a dense trainable one in the sparse role."""
         self.graft_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if self.prune_on_save:
             _init_sparse_role_delta(self, adapter_name, config)
@@ -447,6 +348,10 @@ class GraftLinear(_GraftModule):
     def rank(self, adapter: str) -> int:
         return self.graft_S[adapter].shape[0]
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's convert_to_lora can take this adapter: a weight delta only (LoRA holds no bias delta)."""
+        return adapter_name not in self.graft_bias and (adapter_name in self.graft_tied or self.owns(adapter_name))
+
     def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         has_weight_delta = adapter in self.graft_tied or adapter in self.graft_S or adapter in self.graft_values
         out = self._weight_delta_output(adapter, x) if has_weight_delta else None
@@ -462,7 +367,7 @@ class GraftLinear(_GraftModule):
             if self.training:
                 x = self.graft_dropout[adapter](x)
             return ((x @ v) * self.graft_S[adapter]) @ self.graft_U[adapter].T
-        parts = self._weight_parts(adapter)
+        parts = self.delta_parts(adapter)
         values = parts["graft_values"]
         x = self._cast_input_dtype(x, values.dtype)
         if self.training:
@@ -503,10 +408,10 @@ class GraftLinear(_GraftModule):
         of those packs' factors, cached until the row layout changes or a factor is replaced or modified.
         """
         layout = tuple(adapter_names)
-        cached = self._cached_stack(layout)
+        cached = self._stack_cache.get(layout)
         if cached is not None:
             return cached
-        names = self._row_adapters(adapter_names)
+        names = row_adapters(adapter_names, self.owns)
         if not names or any(a not in self.graft_S or a in self.graft_bias for a in names):
             return None
         factors = [(self.graft_U[a], self.graft_S[a], self.graft_V[a]) for a in names]
@@ -520,33 +425,38 @@ class GraftLinear(_GraftModule):
         for slot, (_, s, _) in enumerate(factors, start=1):
             scales[slot, start : start + s.shape[0]] = s
             start += s.shape[0]
-        row_scales = scales[self._row_slots(adapter_names, names, scales.device)]
+        row_scales = scales[row_slots(adapter_names, names, scales.device)]
         stacked = (v_stacked, u_stacked, row_scales)
-        self._cache_stack(layout, [t for trio in factors for t in trio], stacked)
+        self._stack_cache.put(layout, [t for trio in factors for t in trio], stacked)
         return stacked
 
 
-class GraftEmbedding(_GraftModule):
+class GraftEmbedding(nn.Module, GraftLayer):
     """``nn.Embedding`` with a sparse (or, while training from zero, dense) delta of its weight."""
 
     prune_on_save = True
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, rank: int) -> None:
         super().__init__()
-        self._init_layer(base_layer, adapter_name)
+        GraftLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
         base = self.get_base_layer()
         self.delta_shape = (base.num_embeddings, base.embedding_dim)
         self.in_features, self.out_features = self.delta_shape
-        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+        self.update_layer(adapter_name, config, rank=rank, inference_mode=config.inference_mode)
 
-    def update_layer(self, adapter_name: str, config, inference_mode: bool = False) -> None:
+    forward = GraftLayer.forward
+    __repr__ = GraftLayer.__repr__
+
+    def update_layer(self, adapter_name: str, config, rank: int, inference_mode: bool = False) -> None:
+        """Add (or reset) an adapter: a dense trainable delta (pruned when saved). `rank` does not apply here."""
         self.graft_dropout[adapter_name] = nn.Identity()
         _init_sparse_role_delta(self, adapter_name, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
-        parts = self._weight_parts(adapter)
+        parts = self.delta_parts(adapter)
         if "graft_indices" in parts:
             out = _gather_sparse_rows(self, adapter, x)
         else:
@@ -559,22 +469,26 @@ class GraftEmbedding(_GraftModule):
 _NORM_DELTAS = {"weight": "graft_values", "bias": "graft_bias"}
 
 
-class GraftNorm(_GraftModule):
+class GraftNorm(nn.Module, GraftLayer):
     """A norm (or any module with a 1-D ``weight``, and maybe ``bias``) with dense deltas of its parameters.
 
     A norm is not linear in its weight's input, so the forward runs the module with ``weight + delta`` instead of
     adding an output delta.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, rank: int) -> None:
         super().__init__()
-        self._init_layer(base_layer, adapter_name)
+        GraftLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
         weight = self.get_base_layer().weight
         self.delta_shape = tuple(weight.shape)
         self.in_features = self.out_features = weight.shape[-1]
-        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+        self.update_layer(adapter_name, config, rank=rank, inference_mode=config.inference_mode)
 
-    def update_layer(self, adapter_name: str, config, inference_mode: bool = False) -> None:
+    __repr__ = GraftLayer.__repr__
+
+    def update_layer(self, adapter_name: str, config, rank: int, inference_mode: bool = False) -> None:
+        """Add (or reset) an adapter: dense deltas of the norm's weight (and bias). `rank` does not apply here."""
         self.graft_dropout[adapter_name] = nn.Identity()
         make = torch.zeros if config.init_weights else (lambda *shape: torch.randn(*shape) * _RANDOM_DELTA_SCALE)
         bias = self.get_base_layer().bias if hasattr(self.get_base_layer(), "bias") else None
@@ -585,7 +499,7 @@ class GraftNorm(_GraftModule):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # every call of the base norm runs under the lock, so none can see another thread's swapped parameters
         with _NORM_PARAMETER_LOCK:
-            return super().forward(x, *args, **kwargs)
+            return GraftLayer.forward(self, x, *args, **kwargs)
 
     def _forward_with(
         self, x: torch.Tensor, adapters: list[str], *args: Any, remove: Sequence[str] = (), **kwargs: Any
@@ -653,10 +567,10 @@ class GraftNorm(_GraftModule):
     def _row_shifts(self, adapter_names: list[str], dims: int) -> dict[str, torch.Tensor] | None:
         """Per row, its pack's weight (and bias) delta shaped to broadcast over the row; None if no row has one."""
         layout = (tuple(adapter_names), dims)
-        cached = self._cached_stack(layout)
+        cached = self._stack_cache.get(layout)
         if cached is not None:
             return {name: shift for name, shift in zip(("weight", "bias"), cached, strict=True) if shift is not None}
-        names = self._row_adapters(adapter_names)
+        names = row_adapters(adapter_names, self.owns)
         deltas = [self.graft_values[a] for a in names if a in self.graft_values]
         biases = [self.graft_bias[a] for a in names if a in self.graft_bias]
         if not names or (torch.is_grad_enabled() and any(t.requires_grad for t in deltas + biases)):
@@ -666,10 +580,17 @@ class GraftNorm(_GraftModule):
             if present:
                 container, zero = getattr(self, _NORM_DELTAS[name]), present[0].new_zeros(present[0].shape)
                 table = torch.stack([zero] + [container.get(a, zero) for a in names])
-                rows = table[self._row_slots(adapter_names, names, table.device)]
+                rows = table[row_slots(adapter_names, names, table.device)]
                 shifts[name] = rows.view(len(adapter_names), *([1] * (dims - 2)), -1)
-        self._cache_stack(layout, deltas + biases, (shifts.get("weight"), shifts.get("bias")))
+        self._stack_cache.put(layout, deltas + biases, (shifts.get("weight"), shifts.get("bias")))
         return shifts
+
+
+def graft_layers(model: nn.Module) -> Iterator[tuple[str, GraftLayer]]:
+    """``(module name, layer)`` of every GRAFT layer of a model (FSDP's wrapper prefix removed)."""
+    for name, module in model.named_modules():
+        if isinstance(module, GraftLayer):
+            yield name.removeprefix("_fsdp_wrapped_module."), module
 
 
 def _signed_sum(added: list[torch.Tensor], removed: list[torch.Tensor]) -> torch.Tensor | None:
@@ -683,7 +604,7 @@ def _signed_sum(added: list[torch.Tensor], removed: list[torch.Tensor]) -> torch
     return total
 
 
-def _init_sparse_role_delta(layer: _GraftModule, adapter: str, config) -> None:
+def _init_sparse_role_delta(layer: GraftLayer, adapter: str, config) -> None:
     shape = layer.delta_shape
     if config.init_weights:
         # trainable from zero: which entries matter is unknown until training, so hold it dense
@@ -695,12 +616,7 @@ def _init_sparse_role_delta(layer: _GraftModule, adapter: str, config) -> None:
     layer.set_delta(adapter, values=torch.randn(count) * _RANDOM_DELTA_SCALE, indices=indices)
 
 
-def _fingerprint(tensor: torch.Tensor) -> tuple[int, int]:
-    """Changes when the tensor's storage is swapped (``.to()``, ``.data =``) or written in place."""
-    return tensor.data_ptr(), tensor._version
-
-
-def _csr(layer: _GraftModule, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _csr(layer: GraftLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
     """CSR row pointers and column indices of a sparse adapter, cached until its indices change."""
     indices = layer.graft_indices[adapter]
     key = (indices.data_ptr(), indices._version, indices.device, indices.numel(), layer.delta_shape)
@@ -712,7 +628,7 @@ def _csr(layer: _GraftModule, adapter: str) -> tuple[torch.Tensor, torch.Tensor]
     return cached[1], cached[2]
 
 
-def _gather_sparse_rows(layer: _GraftModule, adapter: str, token_ids: torch.Tensor) -> torch.Tensor:
+def _gather_sparse_rows(layer: GraftLayer, adapter: str, token_ids: torch.Tensor) -> torch.Tensor:
     """Rows `token_ids` of a sparse delta, built from the CSR segments of just those rows."""
     values = layer.graft_values[adapter]
     row_pointers, columns = _csr(layer, adapter)

@@ -14,20 +14,19 @@ from peft.utils.other import match_target_against_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._mixed_batch import BASE_ADAPTER, ROW_ADAPTERS
 from .config import GraftConfig
-from .errors import PackFormatError
-from .layer import BASE_ADAPTER, ROW_ADAPTERS, GraftEmbedding, GraftLayer, GraftLinear, GraftNorm
-from .pack_format import PackingPolicy
-from .provenance import BASE_ROWS_ATTRIBUTE, fingerprint_model, verify_base
-
-# Every per-adapter tensor a GRAFT layer holds in its state dict.
-_STATE_TENSORS = (*GraftLayer.adapter_layer_names, "graft_indices")
+from .layer import GraftEmbedding, GraftLayer, GraftLinear, GraftNorm, graft_layers
+from .pack.adapter_io import pack_state_dict, unpack_state_dict
+from .pack.codec import PackingPolicy
+from .pack.layout import KEY_PREFIX
+from .pack.provenance import BASE_ROWS_ATTRIBUTE, fingerprint_model, verify_base
 
 
 class GraftModel(BaseTuner):
     """Injects GRAFT layers into a model. Created by ``get_peft_model(model, GraftConfig(...))``."""
 
-    prefix: str = "graft_"
+    prefix: str = KEY_PREFIX
     tuner_layer_cls = GraftLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -45,15 +44,12 @@ class GraftModel(BaseTuner):
             raise ValueError("current_key must not be None")
         tied = target_name in (graft_config.target_modules_to_tie or ())
         if isinstance(target, GraftLayer):
-            if isinstance(target, GraftLinear):
-                target.update_layer(
-                    adapter_name,
-                    graft_config,
-                    rank=graft_config.rank_for(current_key),
-                    inference_mode=graft_config.inference_mode,
-                )
-            else:
-                target.update_layer(adapter_name, graft_config, inference_mode=graft_config.inference_mode)
+            target.update_layer(
+                adapter_name,
+                graft_config,
+                rank=graft_config.rank_for(current_key),
+                inference_mode=graft_config.inference_mode,
+            )
             layer = target
         else:
             layer = self._create_new_module(graft_config, adapter_name, target, current_key)
@@ -70,16 +66,15 @@ class GraftModel(BaseTuner):
         self, graft_config: GraftConfig, adapter_name: str, target: nn.Module, current_key: str
     ) -> GraftLayer:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        rank = graft_config.rank_for(current_key)
         if isinstance(base, nn.Embedding):
-            return GraftEmbedding(target, adapter_name, graft_config)
+            return GraftEmbedding(target, adapter_name, graft_config, rank)
         if isinstance(base, (nn.Linear, Conv1D)):
             sparse_role = isinstance(base, nn.Linear) and self._is_output_embedding(base)
-            return GraftLinear(
-                target, adapter_name, graft_config, rank=graft_config.rank_for(current_key), sparse_role=sparse_role
-            )
+            return GraftLinear(target, adapter_name, graft_config, rank, sparse_role=sparse_role)
         weight = getattr(base, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 1 and not list(base.children()):
-            return GraftNorm(target, adapter_name, graft_config)
+            return GraftNorm(target, adapter_name, graft_config, rank)
         raise ValueError(
             f"GRAFT cannot adapt {current_key} ({type(base).__name__}): it supports torch.nn.Linear, transformers "
             "Conv1D, torch.nn.Embedding and norms with a 1-D weight. Remove it from target_modules or add it to "
@@ -143,12 +138,10 @@ class GraftModel(BaseTuner):
         # shares would change that module too, so the merged model would silently differ from the unmerged one.
         # The exception is a tied GRAFT pair, whose one shared delta is merged once into the one shared weight.
         owners: dict[int, tuple[str, GraftLayer]] = {}
-        for name, layer in _graft_layers(self.model):
+        for name, layer in graft_layers(self.model):
             if not layer.graft_tied:
                 owners[layer.get_base_layer().weight.data_ptr()] = (name, layer)
-        followers = {
-            f"{name}.base_layer.weight": layer for name, layer in _graft_layers(self.model) if layer.graft_tied
-        }
+        followers = {f"{name}.base_layer.weight": layer for name, layer in graft_layers(self.model) if layer.graft_tied}
         for name, parameter in self.model.named_parameters(remove_duplicate=False):
             owner = owners.get(parameter.data_ptr())
             if owner is None or name.startswith(f"{owner[0]}.base_layer."):
@@ -174,7 +167,7 @@ class GraftModel(BaseTuner):
         if not isinstance(adapter_names, (list, tuple)):
             raise TypeError(f"adapter_names must be a list of str (one per row), got {type(adapter_names).__name__}")
         known = set()
-        for _, layer in _graft_layers(self.model):
+        for _, layer in graft_layers(self.model):
             known |= layer._get_available_adapters()
         unknown = {name for name in adapter_names if name != BASE_ADAPTER} - known
         if unknown:
@@ -212,24 +205,7 @@ class GraftModel(BaseTuner):
         if config.base_model_fingerprint is None:
             # a pack trained with get_peft_model records the base it was trained on
             config.base_model_fingerprint = fingerprint_model(model)
-        policy = PackingPolicy.from_config(config)
-        for module_name, layer in _graft_layers(model):
-            floats = {}
-            for attr in _STATE_TENSORS:
-                key = f"{module_name}.{attr}.{adapter_name}"
-                if key in selected:
-                    floats[attr] = selected.pop(key)
-            if not floats:
-                continue
-            try:
-                packed = layer.pack_adapter(adapter_name, floats, policy)
-            except ValueError as error:
-                raise PackFormatError(f"cannot pack adapter {adapter_name!r} of {module_name}: {error}") from error
-            for relative_key, tensor in packed.items():
-                attr, _, part = relative_key.partition(".")
-                # the adapter name goes second to last so PEFT's key translation strips it
-                selected[f"{module_name}.{attr}.{adapter_name}" + (f".{part}" if part else "")] = tensor
-        return selected
+        return pack_state_dict(model, adapter_name, selected, PackingPolicy.from_config(config))
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
@@ -240,31 +216,7 @@ class GraftModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         """Decode packed tensors into float tensors (once, in the adapter's dtype), then map keys as PEFT does."""
-        policy = PackingPolicy.from_config(config)
-        packed_by_module: dict[str, dict[str, torch.Tensor]] = {}
-        decoded: dict[str, torch.Tensor] = {}
-        for key, tensor in state_dict.items():
-            position = key.find(f".{cls.prefix}")
-            if position < 0:
-                decoded[key] = tensor
-            else:
-                packed_by_module.setdefault(key[:position], {})[key[position + 1 :]] = tensor
-        for module_name, layer in _graft_layers(model):
-            if not layer._owns(adapter_name):
-                continue
-            for prefix in (module_name, f"base_model.model.{module_name}"):
-                if prefix in packed_by_module:
-                    break
-            else:
-                continue
-            try:
-                floats = layer.unpack_adapter(adapter_name, packed_by_module.pop(prefix), policy)
-            except PackFormatError as error:
-                raise PackFormatError(f"adapter {adapter_name!r}, module {module_name}: {error}") from error
-            decoded.update({f"{prefix}.{attr}": tensor for attr, tensor in floats.items()})
-        for module_name, tensors in packed_by_module.items():
-            # not a GRAFT layer of this model: let load_state_dict report them as unexpected keys
-            decoded.update({f"{module_name}.{key}": tensor for key, tensor in tensors.items()})
+        decoded = unpack_state_dict(model, adapter_name, state_dict, PackingPolicy.from_config(config))
         return super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=decoded
         )
@@ -306,9 +258,3 @@ def _grown(parameter: nn.Parameter, rows: int) -> nn.Parameter:
     # the base fingerprint covers the rows the base had before any pack grew it
     setattr(grown, BASE_ROWS_ATTRIBUTE, getattr(parameter, BASE_ROWS_ATTRIBUTE, data.shape[0]))
     return grown
-
-
-def _graft_layers(model: nn.Module) -> Iterator[tuple[str, GraftLayer]]:
-    for name, module in model.named_modules():
-        if isinstance(module, GraftLayer):
-            yield name.removeprefix("_fsdp_wrapped_module."), module

@@ -1,0 +1,44 @@
+"""The delta of a fine-tune against its base, read tensor by tensor (or in blocks of rows) from both checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..errors import NonFiniteDeltaError
+from .checkpoint import CheckpointReader
+
+
+class DeltaReader:
+    """``finetuned − base`` of any tensor; rows a fine-tune added to an embedding are relative to zero."""
+
+    # Embedding matrices are streamed in blocks of rows, so the largest delta is never held whole.
+    ROW_BLOCK = 4096
+
+    def __init__(self, base: CheckpointReader, finetuned: CheckpointReader) -> None:
+        self.base, self.finetuned = base, finetuned
+
+    def delta(self, key: str) -> torch.Tensor:
+        return self.delta_rows(key, 0, self.finetuned.shape(key)[0] if self.finetuned.shape(key) else 1)
+
+    def delta_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a delta."""
+        tuned = self.finetuned.get_rows(key, start, stop).float()
+        base_rows = self.base.shape(key)[0] if self.base.shape(key) else 1
+        base = self.base.get_rows(key, min(start, base_rows), min(stop, base_rows)).float()
+        if base.shape != tuned.shape:
+            base = torch.cat([base, base.new_zeros(tuned.shape[0] - base.shape[0], *tuned.shape[1:])])
+        delta = tuned - base
+        if not bool(torch.isfinite(delta).all()):
+            raise NonFiniteDeltaError(
+                f"the delta of {key} holds NaN or Inf; check the fine-tune's weights",
+                source=self.finetuned.source,
+                tensor=key,
+            )
+        return delta
+
+    def row_blocks(self, key: str) -> Iterable[tuple[int, torch.Tensor]]:
+        rows = self.finetuned.shape(key)[0]
+        for start in range(0, rows, self.ROW_BLOCK):
+            yield start, self.delta_rows(key, start, min(start + self.ROW_BLOCK, rows))

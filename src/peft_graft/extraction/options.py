@@ -1,0 +1,67 @@
+"""ExtractionOptions: how an extraction runs (budget, calibration, sources, output), apart from the compression policy.
+
+The compression policy (roles, ranks, energy, densities, precision bands) is the GraftConfig the pack records. These
+options are the rest; ``extract_skillpack`` takes them as keywords or as one object, and ``peft-graft extract``
+generates one flag per field from the same definitions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from ..errors import BudgetError, GraftConfigError
+
+
+@dataclass
+class ExtractionOptions:
+    """Settings of one extraction run."""
+
+    budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "Pack size as a fraction of the fp16 bytes of the whole delta, in (0, 1], e.g. 0.0625. Ranks, "
+            "bits per band and embedding densities are then planned by error reduction per byte, and the "
+            "GraftConfig's rank, energy and bands are not used."
+        },
+    )
+    calibration_samples: int = field(default=128, metadata={"help": "Calibration texts used at most (GPTQ)."})
+    calibration_length: int = field(default=256, metadata={"help": "Tokens per calibration text."})
+    batch_size: int = field(default=8, metadata={"help": "Calibration texts per forward pass."})
+    act_order: bool = field(default=True, metadata={"help": "GPTQ in order of decreasing activation (act-order)."})
+    damp: float = field(default=0.01, metadata={"help": "GPTQ damping, as a fraction of the mean Hessian diagonal."})
+    base_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base (branch/tag/commit)."})
+    finetuned_revision: str | None = field(default=None, metadata={"help": "Hub revision of the fine-tune."})
+    token: str | bool | None = field(default=None, metadata={"help": "Hub token, for private repos."})
+    allow_pickle: bool = field(
+        default=False, metadata={"help": "Read .bin checkpoints: pickle can run code, so only for sources you trust."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    skill: str | None = field(default=None, metadata={"help": "What the fine-tune learned, for the model card."})
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and (
+            isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0.0 < self.budget <= 1.0
+        ):
+            raise BudgetError(
+                f"budget must be a fraction in (0, 1] of the fp16 delta, got {self.budget}", budget=self.budget
+            )
+        for name in ("calibration_samples", "calibration_length", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GraftConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
+        if not 0.0 <= self.damp < 1.0:
+            raise GraftConfigError(f"damp must be in [0, 1), got {self.damp!r}", field="damp")
+
+    @classmethod
+    def from_keywords(cls, options: ExtractionOptions | None, keywords: dict) -> ExtractionOptions:
+        """`options` (or the defaults) with the given fields replaced; an unknown keyword is a TypeError."""
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(keywords) - known)
+        if unknown:
+            raise TypeError(
+                f"extract_skillpack() got unexpected keyword(s) {', '.join(unknown)}; the options are "
+                f"{', '.join(sorted(known))}"
+            )
+        values = {item.name: getattr(options, item.name) for item in fields(cls)} if options else {}
+        return cls(**{**values, **keywords})

@@ -1,0 +1,147 @@
+"""A GRAFT layer's adapter <-> its packed tensors, and a model's adapter state dict <-> the pack file's.
+
+GraftModel's state-dict hooks call :func:`pack_state_dict` when saving and :func:`unpack_state_dict` when loading.
+A loaded adapter remembers the tensors it was decoded from (``layer.graft_packed``); while its float tensors still
+equal their decoding, saving writes those same tensors again, so an unchanged pack re-saves byte for byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PackFormatError
+from ..layer import GraftLayer, graft_layers
+from . import layout
+from .codec import PackingPolicy, decode_module, encode_module
+
+# Every per-adapter tensor a GRAFT layer holds in its state dict.
+STATE_TENSORS = (*GraftLayer.adapter_layer_names, "graft_indices")
+
+
+@dataclass(frozen=True)
+class LoadedPack:
+    """The packed tensors an adapter was loaded from, and the policy they were written with."""
+
+    policy: PackingPolicy
+    tensors: dict[str, torch.Tensor]
+
+
+def pack_adapter(
+    layer: GraftLayer, adapter: str, floats: dict[str, torch.Tensor], policy: PackingPolicy
+) -> dict[str, torch.Tensor]:
+    """Packed tensors (keys relative to the module) for an adapter's float tensors `floats`."""
+    reused = _reuse_loaded_pack(layer, adapter, floats, policy)
+    if reused is not None:
+        return reused
+    packed = encode_module(
+        floats,
+        layer.delta_shape,
+        policy,
+        prune=layer.prune_on_save,
+        dense_rows_from=layer.graft_dense_rows_from.get(adapter),
+    )
+    return {name: tensor.cpu() for name, tensor in packed.items()}
+
+
+def unpack_adapter(
+    layer: GraftLayer, adapter: str, tensors: dict[str, torch.Tensor], policy: PackingPolicy
+) -> dict[str, torch.Tensor]:
+    """Decode packed tensors once, in the adapter's dtype, and install them as the adapter's form and shapes."""
+    decoded = decode_module(tensors, layer.delta_shape, layer.adapter_dtype(adapter))
+    floats = decoded.tensors
+    if "graft_S" in floats:
+        u, v = floats["graft_U"], floats["graft_V"]
+        if (u.shape[0], v.shape[0]) != (layer.delta_shape[0], layer.delta_shape[1]):
+            raise PackFormatError(
+                f"the pack stores a delta of shape {(u.shape[0], v.shape[0])} but the layer's weight is "
+                f"{tuple(layer.delta_shape)}; the pack must belong to this base model"
+            )
+    if "graft_bias" in floats and layer.get_base_layer().bias is None:
+        raise PackFormatError("the pack stores a bias delta but the base layer has no bias")
+    layer.set_delta(
+        adapter,
+        lowrank=(floats["graft_U"], floats["graft_S"], floats["graft_V"]) if "graft_S" in floats else None,
+        values=floats.get("graft_values"),
+        indices=floats.get("graft_indices"),
+        bias=floats.get("graft_bias"),
+        dense_rows_from=decoded.dense_rows_from,
+    )
+    layer.graft_packed[adapter] = LoadedPack(policy, {name: t.cpu() for name, t in tensors.items()})
+    return floats
+
+
+def _reuse_loaded_pack(
+    layer: GraftLayer, adapter: str, floats: dict[str, torch.Tensor], policy: PackingPolicy
+) -> dict[str, torch.Tensor] | None:
+    """The tensors the adapter was loaded from, if its floats still equal their decoding under `policy`."""
+    loaded = layer.graft_packed.get(adapter)
+    if loaded is None or loaded.policy != policy:
+        return None
+    dtype = next(tensor.dtype for tensor in floats.values() if tensor.is_floating_point())
+    decoded = decode_module(loaded.tensors, layer.delta_shape, dtype).tensors
+    if decoded.keys() != floats.keys():
+        return None
+    for name, tensor in floats.items():
+        if not torch.equal(decoded[name], tensor.detach().to(decoded[name].device)):
+            return None
+    return dict(loaded.tensors)
+
+
+def pack_state_dict(
+    model: nn.Module, adapter_name: str, selected: dict[str, Any], policy: PackingPolicy
+) -> dict[str, Any]:
+    """Replace each GRAFT layer's float tensors in PEFT's selected adapter state dict with their packed encoding."""
+    for module_name, layer in graft_layers(model):
+        floats = {}
+        for attr in STATE_TENSORS:
+            key = f"{module_name}.{attr}.{adapter_name}"
+            if key in selected:
+                floats[attr] = selected.pop(key)
+        if not floats:
+            continue
+        try:
+            packed = pack_adapter(layer, adapter_name, floats, policy)
+        except ValueError as error:
+            raise PackFormatError(f"cannot pack adapter {adapter_name!r} of {module_name}: {error}") from error
+        for relative_key, tensor in packed.items():
+            attr, _, part = relative_key.partition(".")
+            # the adapter name goes second to last so PEFT's key translation strips it
+            selected[f"{module_name}.{attr}.{adapter_name}" + (f".{part}" if part else "")] = tensor
+    return selected
+
+
+def unpack_state_dict(
+    model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], policy: PackingPolicy
+) -> dict[str, torch.Tensor]:
+    """Decode a pack file's tensors into the float tensors of the model's GRAFT layers (installed on the way).
+
+    Keys of modules that are not GRAFT layers of this model are passed through, for load_state_dict to report.
+    """
+    packed_by_module: dict[str, dict[str, torch.Tensor]] = {}
+    decoded: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        position = key.find(f".{layout.KEY_PREFIX}")
+        if position < 0:
+            decoded[key] = tensor
+        else:
+            packed_by_module.setdefault(key[:position], {})[key[position + 1 :]] = tensor
+    for module_name, layer in graft_layers(model):
+        if not layer.owns(adapter_name):
+            continue
+        for prefix in (module_name, layout.PEFT_PREFIX + module_name):
+            if prefix in packed_by_module:
+                break
+        else:
+            continue
+        try:
+            floats = unpack_adapter(layer, adapter_name, packed_by_module.pop(prefix), policy)
+        except PackFormatError as error:
+            raise PackFormatError(f"adapter {adapter_name!r}, module {module_name}: {error}") from error
+        decoded.update({f"{prefix}.{attr}": tensor for attr, tensor in floats.items()})
+    for module_name, tensors in packed_by_module.items():
+        decoded.update({f"{module_name}.{key}": tensor for key, tensor in tensors.items()})
+    return decoded
