@@ -5,6 +5,7 @@ low-rank delta, and matplotlib draws the benchmark's plot headless."""
 from __future__ import annotations
 
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,17 @@ from safetensors.torch import load_file
 
 from fine_tunes import save_pair
 
-pytest.importorskip("mergekit", reason="needs the bench extra: make test EXTRAS=test,bench")
-pytest.importorskip("matplotlib", reason="needs the bench extra: make test EXTRAS=test,bench")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import quality
+import quality  # benchmarks/quality.py: mergekit and matplotlib are imported only when used
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [
+    pytest.mark.skipif(
+        find_spec("mergekit") is None or find_spec("matplotlib") is None,
+        reason="needs the bench extra: make test EXTRAS=test,bench",
+    ),
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
