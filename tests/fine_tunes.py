@@ -41,12 +41,14 @@ def plant_delta(model, seed: int = 5, rank: int = 4, noise: float = 5e-4) -> Non
                 parameter += 1e-3 * torch.randn(shape, generator=generator)
 
 
-def save_pair(folder: Path, arch: str, dtype: torch.dtype = torch.float32, **save_kwargs) -> tuple[Path, Path]:
+def save_pair(
+    folder: Path, arch: str, dtype: torch.dtype = torch.float32, model_overrides: dict | None = None, **save_kwargs
+) -> tuple[Path, Path]:
     """Save a base (with a tokenizer) and its planted fine-tune under `folder`; return both folders."""
     base_dir, tuned_dir = folder / "base", folder / "finetuned"
-    build(arch).to(dtype).save_pretrained(base_dir, **save_kwargs)
+    build(arch, **(model_overrides or {})).to(dtype).save_pretrained(base_dir, **save_kwargs)
     tiny_tokenizer().save_pretrained(base_dir)
-    tuned = build(arch)
+    tuned = build(arch, **(model_overrides or {}))
     plant_delta(tuned)
     tuned.to(dtype).save_pretrained(tuned_dir, **save_kwargs)
     return base_dir, tuned_dir

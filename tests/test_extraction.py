@@ -18,6 +18,7 @@ from peft_graft import (
     CheckpointMismatchError,
     ExtractionReport,
     GraftConfig,
+    GraftConfigError,
     MissingTensorError,
     NonFiniteDeltaError,
     PickleCheckpointError,
@@ -224,16 +225,58 @@ def test_pickle_only_checkpoints_are_refused_unless_allowed(tmp_path):
     assert report.modules
 
 
-def test_an_interrupted_run_leaves_no_pack_behind(tmp_path, monkeypatch):
+def test_an_interrupted_run_leaves_no_pack_behind_and_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     base_dir, tuned_dir = save_pair(tmp_path, "llama")
+    extract_skillpack(base_dir, tuned_dir, tmp_path / "straight", budget=1 / 8, progress=False)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(GraftConfig, "save_pretrained", interrupted)  # after the weights were written
-    with pytest.raises(KeyboardInterrupt):
-        extract_skillpack(base_dir, tuned_dir, tmp_path / "pack", progress=False)
-    _assert_nothing_written(tmp_path / "pack")
+    with monkeypatch.context() as patch:
+        patch.setattr(GraftConfig, "save_pretrained", interrupted)  # after every unit is staged
+        with pytest.raises(KeyboardInterrupt):
+            extract_skillpack(base_dir, tuned_dir, tmp_path / "pack", budget=1 / 8, progress=False)
+    assert not (tmp_path / "pack").exists()
+    assert not list(tmp_path.glob(".pack.*.partial"))  # no half-written pack folder
+    assert (tmp_path / ".pack.extracting").is_dir()  # the finished work is kept for --resume
+    with pytest.raises(GraftConfigError, match="other inputs or settings"):
+        extract_skillpack(base_dir, tuned_dir, tmp_path / "pack", budget=1 / 4, resume=True, progress=False)
+    assert (tmp_path / ".pack.extracting").is_dir()
+
+    from peft_graft.extraction.compressor import Compressor
+
+    compressed = []
+    with monkeypatch.context() as patch:  # every unit was staged before the interrupt: none is compressed again
+        patch.setattr(Compressor, "compress", lambda self, spec, hessian=None: compressed.append(spec.name))
+        extract_skillpack(base_dir, tuned_dir, tmp_path / "pack", budget=1 / 8, resume=True, progress=False)
+    assert compressed == []
+    assert not (tmp_path / ".pack.extracting").exists()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "pack" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_a_killed_extraction_resumes_from_its_last_finished_unit(tmp_path):
+    """kill -9 of the CLI in the middle of a run; --resume redoes only the unfinished units, to the same bytes."""
+    import signal
+    import time
+
+    base_dir, tuned_dir = save_pair(tmp_path, "llama", model_overrides={"num_hidden_layers": 6})
+    common = [sys.executable, "-m", "peft_graft.cli", "extract", "--base", str(base_dir), "--finetuned", str(tuned_dir)]
+    subprocess.run([*common, "--output", str(tmp_path / "straight"), "--no-progress"], check=True, capture_output=True)
+    work = tmp_path / ".pack.extracting" / "units"
+    process = subprocess.Popen([*common, "--output", str(tmp_path / "pack"), "--no-progress"])
+    deadline = time.monotonic() + 120
+    while len(list(work.glob("*.json"))) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = sorted(path.name for path in work.glob("*.json"))
+    assert 3 <= len(finished) < 9 and not (tmp_path / "pack").exists(), finished  # 3 outside units + 6 layers
+
+    subprocess.run([*common, "--output", str(tmp_path / "pack"), "--no-progress", "--resume"], check=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "pack" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    assert not (tmp_path / ".pack.extracting").exists()
 
 
 @pytest.mark.parametrize("budget", [1 / 8, 1 / 16])

@@ -62,27 +62,31 @@ def gptq_quantize(
     if grid not in ("row", "column"):
         raise ValueError(f"grid must be 'row' or 'column', got {grid!r}")
     per = rows if grid == "row" else cols
-    bits_tensor = torch.as_tensor(bits if not isinstance(bits, int) else [bits] * per, dtype=torch.float32)
+    device = weight.device
+    bits_tensor = torch.as_tensor(
+        bits if not isinstance(bits, int) else [bits] * per, dtype=torch.float32, device=device
+    )
     if bits_tensor.shape != (per,):
         raise ValueError(f"bits must be an int or have one entry per {'row' if grid == 'row' else 'column'} ({per})")
     exact = bits_tensor >= 16
     bits_tensor = bits_tensor.clamp(max=8)  # 16-bit entries get a dummy grid; their values pass through unrounded
     exact_rows = exact if grid == "row" else None
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
+    h = hessian.detach().to(device, torch.float32).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=device)
     inverse_order = torch.argsort(order)
     w, h = w[:, order], h[order][:, order]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols)
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     hinv = _inverse_cholesky_upper(h)
+    del h
 
-    codes = torch.zeros(rows, cols)
+    codes = torch.zeros(rows, cols, device=device)
     if grid == "row":
         groups = num_groups(cols, group_size)
-        scales, zeros = torch.zeros(rows, groups), torch.zeros(rows, groups)
+        scales, zeros = torch.zeros(rows, groups, device=device), torch.zeros(rows, groups, device=device)
         if act_order:  # static groups, fitted on the weight before any error feedback, in natural column order
             natural = w[:, inverse_order]
             for group in range(groups):
@@ -90,7 +94,8 @@ def gptq_quantize(
                 scales[:, group], zeros[:, group] = fit_grid(block, bits_tensor)
     else:
         row_groups = num_groups(rows, group_size)
-        scales, zeros = torch.zeros(row_groups, cols), torch.zeros(row_groups, cols)
+        scales = torch.zeros(row_groups, cols, device=device)
+        zeros = torch.zeros(row_groups, cols, device=device)
 
     block_size = group_size * max(1, math.ceil(128 / group_size))  # blocks start on group starts
     for start in range(0, cols, block_size):
@@ -141,15 +146,22 @@ def output_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: tor
 
 
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹, adding more damping if H is not positive definite."""
-    eye = torch.eye(h.shape[0])
+    """Upper Cholesky factor of H⁻¹ (in float64, returned as float32), adding more damping if H is not positive
+    definite. Each float64 intermediate is freed as soon as the next exists: for a 14336-wide Hessian (an 8B model's
+    down_proj) that keeps the peak at two float64 copies, 3.3 GB, instead of four."""
     bump = 1e-6 * float(torch.mean(torch.diag(h)).clamp(min=1e-12))
+    h64 = h.double()
     for _ in range(8):
-        lower, info = torch.linalg.cholesky_ex(h.double())
+        lower, info = torch.linalg.cholesky_ex(h64)
         if int(info) == 0:
+            del h64
             inverse = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(inverse, upper=True).float()
-        h = h + bump * eye
+            del lower
+            upper = torch.linalg.cholesky(inverse, upper=True)
+            del inverse
+            return upper.float()
+        del lower
+        h64.diagonal().add_(bump)
         bump *= 10
     raise ValueError("the Hessian is not positive definite even after extra damping")
 

@@ -40,9 +40,13 @@ class LowRankCandidate:
 
 @dataclass(frozen=True)
 class SparseCandidate:
+    """A sparse module's entries by decreasing magnitude: the largest ones exactly, then (for matrices too large to
+    hold every candidate) the rest as histogram bins of (count, energy), in decreasing magnitude."""
+
     name: str
     numel: int
     squared_magnitudes: torch.Tensor  # descending, non-zero entries only
+    tail: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -148,12 +152,17 @@ def _greedy(
         return change
 
     def offer_chunk(candidate: SparseCandidate, chunk: int) -> None:
-        start = chunk * _SPARSE_CHUNK
-        if start >= candidate.squared_magnitudes.numel():
+        exact = candidate.squared_magnitudes.numel()
+        chunks = math.ceil(exact / _SPARSE_CHUNK)
+        if chunk < chunks:
+            values = candidate.squared_magnitudes[chunk * _SPARSE_CHUNK : (chunk + 1) * _SPARSE_CHUNK]
+            count, energy = values.numel(), float(values.double().sum())
+        elif chunk - chunks < len(candidate.tail):
+            count, energy = candidate.tail[chunk - chunks]
+        else:
             return
-        values = candidate.squared_magnitudes[start : start + _SPARSE_CHUNK]
-        cost = SPARSE_ENTRY_BYTES * values.numel() + (header_bytes(candidate.name, 2) if chunk == 0 else 0)
-        push(float(values.double().sum()) / cost, ("sparse", candidate, chunk, cost))
+        cost = SPARSE_ENTRY_BYTES * count + (header_bytes(candidate.name, 2) if chunk == 0 else 0)
+        push(energy / cost, ("sparse", candidate, chunk, cost, count))
 
     for candidate in lowrank:
         offer_direction(candidate.name, 0, 0)
@@ -163,11 +172,11 @@ def _greedy(
     while heap:
         _, _, item = heapq.heappop(heap)
         if item[0] == "sparse":
-            _, candidate, chunk, cost = item
+            _, candidate, chunk, cost, count = item
             if spent + cost > budget:
                 continue
             spent += cost
-            plan.sparse[candidate.name] = min(candidate.squared_magnitudes.numel(), (chunk + 1) * _SPARSE_CHUNK)
+            plan.sparse[candidate.name] += count
             offer_chunk(candidate, chunk + 1)
             continue
         _, name, direction, level = item

@@ -1,14 +1,22 @@
-"""Calibrated extraction: walk the base model decoder layer by decoder layer, as sequential GPTQ does.
+"""Calibrated extraction: walk the base model decoder layer by decoder layer, as sequential GPTQ does, holding one.
 
-A layer's module inputs are captured with hooks (accumulating ``H = XᵀX``, not activations) while the layer runs with
-its fine-tuned weights, its deltas are compressed with GPTQ on those Hessians, and the next layer's inputs come from
-the layer running with ``base + compressed delta``.
+The model is a skeleton whose parameters live on the meta device (its buffers, e.g. rotary frequencies, are real).
+Only what runs before the first decoder layer (the input embeddings) is loaded whole, with its compressed delta
+applied. Then, for each decoder layer: its weights are read from the fine-tune, the calibration inputs run through it
+while hooks accumulate ``H = XᵀX`` of each projection's inputs (never activations), its deltas are compressed with
+GPTQ on those Hessians, its weights are set to ``base + compressed delta`` and the inputs run through it again to
+make the next layer's inputs, and its weights go back to the meta device. At most one decoder layer is ever real.
+
+The inputs between layers are kept as bfloat16 files in the work folder, one per calibration batch, and read one batch
+at a time: ``samples × tokens × hidden × 2`` bytes on disk per layer (128 × 256 × 4096 × 2 = 256 MiB for an 8B model),
+``batch_size × tokens × hidden × 4`` bytes in memory. They also let a stopped run resume at its next layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -16,79 +24,228 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointReader
-from .compressor import Compressed, Compressor
+from ..pack.codec import decode_module
+from .compressor import Compressor
+from .options import ExtractionOptions
+from .report import ModuleReport
 from .roles import ModuleSpec, decoder_layers
+from .staging import Staging
 
 
 def extract_calibrated(
     compressor: Compressor,
-    specs: list[ModuleSpec],
+    units: list[list[ModuleSpec]],
+    staging: Staging,
     base_folder: str,
-    finetuned: CheckpointReader,
     texts: list[str],
-    length: int,
-    batch_size: int,
+    options: ExtractionOptions,
+    device: torch.device,
     progress: bool,
-) -> dict[str, Compressed | None]:
-    """Sequential, layer-by-layer extraction with GPTQ (see the module docstring)."""
-    from transformers import AutoModelForCausalLM
+) -> list[ModuleReport]:
+    """Compress every unit, the decoder layers with GPTQ on their own calibration inputs; returns the reports."""
+    deltas = compressor.deltas
+    reports: list[ModuleReport] = []
+    for position, unit in enumerate(units):  # embeddings, final norm, lm_head: data-free
+        if unit[0].layer_index is None:
+            reports += _unit(compressor, staging, position, unit, {})
 
-    from ..model import grow_vocabulary
+    model = skeleton(base_folder)
+    layers_name, layers = decoder_layers(model)
+    head = model.get_output_embeddings()
+    for name, parameter in list(model.named_parameters()):
+        if name.startswith(f"{layers_name}.") or (head is not None and parameter is head.weight and not _tied(model)):
+            continue
+        _set_outside_parameter(model, name, deltas, staging, units, device)
+    _buffers_to(model, device)
+    batches = _tokenized_batches(base_folder, deltas.finetuned, texts, options.calibration_length, options.batch_size)
+    calls = _first_layer_calls(model, layers[0], batches, device)
+    masks = [mask.to(device) for _, mask in batches]
 
-    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
-    model.config.use_cache = False
-    if compressor.grown_rows:
-        grow_vocabulary(model, max(finetuned.shape(s.weight)[0] for s in specs if s.name in compressor.grown_rows))
-    modules = dict(model.named_modules())
-    parameters = dict(model.named_parameters(remove_duplicate=False))
-    batches = _tokenized_batches(base_folder, finetuned, texts, length, batch_size)
-    _, layers = decoder_layers(model)
-    compressed: dict[str, Compressed | None] = {}
+    layer_units = [(position, unit) for position, unit in enumerate(units) if unit[0].layer_index is not None]
+    first = 0
+    while first < len(layer_units) and staging.finished(layer_units[first][0]) is not None:
+        reports += staging.finished(layer_units[first][0])
+        first += 1
+    if first == len(layer_units):
+        return reports
+    if first > 0 and not staging.has_inputs(layer_units[first][0], len(calls)):
+        raise RuntimeError(f"the work folder {staging.path} lost the calibration inputs of its next layer; start over")
+    if first == 0:
+        for index, (args, kwargs) in enumerate(calls):
+            staging.write_input(layer_units[0][0], index, _hidden_of(args, kwargs))
+        staging.inputs_complete(layer_units[0][0], len(calls))
+    calls = [_without_hidden(args, kwargs) for args, kwargs in calls]
 
-    def apply(spec: ModuleSpec, item: Compressed | None) -> None:
-        """Set the in-memory module to base + compressed delta (the base stays readable from disk)."""
-        weight = parameters[spec.weight].data
-        bias = parameters[spec.bias].data if spec.bias is not None else None
-        for key, target in ((spec.weight, weight), (spec.bias, bias)):
-            if key is None:
-                continue
-            stored = compressor.base.get(key).float()
-            target.zero_()  # rows a fine-tune added (grown vocabulary) start from zero
-            target[: stored.shape[0]] = stored
-        if item is not None:
-            item.apply_to(weight, bias, spec.transposed)
-
-    for spec in (s for s in specs if s.layer_index is None):  # embeddings, final norm, lm_head: data-free
-        compressed[spec.name] = compressor.compress(spec)
-        if spec.kind != "parameter":
-            apply(spec, compressed[spec.name])
-
-    masks = [mask for _, mask in batches]
-    inputs = _first_layer_inputs(model, layers[0], batches)
-    for index, layer in enumerate(tqdm(layers, desc="extracting (calibrated)", unit="layer", disable=not progress)):
-        layer_specs = [s for s in specs if s.layer_index == index]
-        for spec in layer_specs:  # capture with the fine-tuned layer: the pack should reproduce its activations
-            for key in (spec.weight, spec.bias):
-                if key is not None:
-                    parameters[key].data.copy_(compressor.finetuned.get(key).float())
+    walk = tqdm(layer_units[first:], desc="extracting (calibrated)", unit="layer", disable=not progress)
+    for step, (position, unit) in enumerate(walk, start=first):
+        index = unit[0].layer_index
+        layer = layers[index]
+        prefix = f"{layers_name}.{index}."
+        materialize(layers, index, prefix, deltas.finetuned, device)  # capture with the fine-tuned layer
         collector = _HessianCollector(
             {
-                s.name: modules[s.name]
-                for s in layer_specs
-                if s.role in ("attn", "mlp") and s.kind in ("linear", "conv1d")
+                spec.name: model.get_submodule(spec.name)
+                for spec in unit
+                if spec.role in ("attn", "mlp") and spec.kind in ("linear", "conv1d")
             }
         )
         with torch.no_grad(), collector:
-            for (args, kwargs), mask in zip(inputs, masks, strict=True):
-                collector.mask = mask
-                layer(*args, **kwargs)
-        for spec in layer_specs:
-            compressed[spec.name] = compressor.compress(spec, collector.hessians.get(spec.name))
-            apply(spec, compressed[spec.name])
-        with torch.no_grad():
-            inputs = [_with_hidden(args, kwargs, _hidden(layer(*args, **kwargs))) for args, kwargs in inputs]
-    return compressed
+            for batch, (args, kwargs) in enumerate(calls):
+                collector.mask = masks[batch]
+                hidden = staging.read_input(position, batch).to(device, torch.float32)
+                call_args, call_kwargs = _with_hidden(args, kwargs, hidden)
+                layer(*call_args, **call_kwargs)
+        reports += _unit(compressor, staging, position, unit, collector.hessians)
+        del collector
+        _set_compressed_layer(layer, prefix, unit, deltas, staging, position, device)
+        following = layer_units[step + 1][0] if step + 1 < len(layer_units) else None
+        if following is not None:
+            with torch.no_grad():
+                for batch, (args, kwargs) in enumerate(calls):
+                    hidden = staging.read_input(position, batch).to(device, torch.float32)
+                    call_args, call_kwargs = _with_hidden(args, kwargs, hidden)
+                    output = layer(*call_args, **call_kwargs)
+                    staging.write_input(following, batch, _hidden(output))
+            staging.inputs_complete(following, len(calls))
+        staging.drop_inputs(position)
+        release(layer)
+    return reports
+
+
+def skeleton(folder: str) -> nn.Module:
+    """The model of a checkpoint folder with every parameter on the meta device and its buffers real (float32).
+
+    Parameters are moved to the meta device as modules register them, as accelerate's ``init_empty_weights`` does, so
+    no weight is allocated, while buffers computed in constructors (rotary frequencies, scales) stay valid.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
+        register(module, name, parameter)
+        if parameter is not None and parameter.device.type != "meta":
+            module._parameters[name] = nn.Parameter(parameter.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    finally:
+        nn.Module.register_parameter = register
+    model.config.use_cache = False
+    return model.eval()
+
+
+def materialize(layers: nn.ModuleList, index: int, prefix: str, reader, device: torch.device) -> None:
+    """Load decoder layer `index`'s parameters from a checkpoint (keys under `prefix`), in float32 on `device`."""
+    for name, _ in list(layers[index].named_parameters()):
+        _set(layers[index], name, reader.get(prefix + name).to(device, torch.float32))
+
+
+def release(layer: nn.Module) -> None:
+    """Put a decoder layer's parameters back on the meta device."""
+    for name, parameter in list(layer.named_parameters()):
+        _set(layer, name, torch.empty_like(parameter, device="meta"))
+
+
+def _set(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def _tied(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Real buffers onto `device`, floating ones in float32 (the layer walk computes in float32)."""
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type != "meta":
+                dtype = torch.float32 if buffer.is_floating_point() else buffer.dtype
+                module._buffers[name] = buffer.to(device, dtype)
+
+
+def _unit(
+    compressor: Compressor,
+    staging: Staging,
+    position: int,
+    unit: list[ModuleSpec],
+    hessians: dict[str, torch.Tensor],
+) -> list[ModuleReport]:
+    """Compress one unit (or take it from the work folder, when a resumed run finished it) and store it."""
+    done = staging.finished(position)
+    if done is not None:
+        return done
+    items = {}
+    for spec in unit:
+        item = compressor.compress(spec, hessians.pop(spec.name, None))
+        if item is not None:
+            item.decoded = None  # the layer is rebuilt from the stored tensors, the one source of truth
+            items[spec.name] = item
+    reports = [item.report for item in items.values()]
+    staging.write_unit(position, {name: item.tensors for name, item in items.items()}, reports)
+    return reports
+
+
+def _compressed_delta(spec: ModuleSpec, tensors: dict[str, torch.Tensor], shape, device) -> tuple:
+    """A module's weight delta (in its stored layout) and bias delta, decoded from its staged pack tensors."""
+    if not tensors:
+        return None, None
+    logical = (shape[1], shape[0]) if spec.transposed else tuple(shape)
+    decoded = decode_module({k: t.to(device) for k, t in tensors.items()}, logical).tensors
+    weight = None
+    if "graft_S" in decoded:
+        weight = (decoded["graft_U"] * decoded["graft_S"]) @ decoded["graft_V"].T
+    elif "graft_indices" in decoded:
+        flat = torch.zeros(math.prod(logical), device=device)
+        flat[decoded["graft_indices"]] = decoded["graft_values"]
+        weight = flat.view(logical)
+    elif "graft_values" in decoded:
+        weight = decoded["graft_values"].reshape(logical)
+    if weight is not None and spec.transposed:
+        weight = weight.T
+    return weight, decoded.get("graft_bias")
+
+
+def _set_compressed_layer(layer, prefix, unit, deltas, staging: Staging, position, device) -> None:
+    """Set a decoder layer's parameters to base + compressed delta (as the pack will make them)."""
+    staged = staging.unit_tensors(position)
+    specs = {spec.weight: spec for spec in unit} | {spec.bias: spec for spec in unit if spec.bias}
+    for name, _ in list(layer.named_parameters()):
+        key = prefix + name
+        value = deltas.base.get(key).to(device, torch.float32)
+        spec = specs.get(key)
+        if spec is not None:
+            weight, bias = _compressed_delta(
+                spec, staged.get(spec.name, {}), deltas.finetuned.shape(spec.weight), device
+            )
+            delta = weight if key == spec.weight else bias
+            if delta is not None:
+                value = value + delta.to(value.dtype)
+        _set(layer, name, value)
+
+
+def _set_outside_parameter(model, name, deltas, staging: Staging, units, device) -> None:
+    """Load a parameter outside the decoder layers (e.g. the input embedding) as base + compressed delta; rows a
+    fine-tune added (grown vocabulary) start from zero, as when a pack grows the base."""
+    rows = deltas.finetuned.shape(name)
+    base = deltas.base.get(name).to(device, torch.float32)
+    value = torch.zeros(rows, device=device) if tuple(base.shape) != tuple(rows) else base
+    if value is not base:
+        value[: base.shape[0]] = base
+    for position, unit in enumerate(units):
+        spec = unit[0]
+        if spec.layer_index is None and name in (spec.weight, spec.bias):
+            tensors = staging.unit_tensors(position).get(spec.name, {})
+            weight, bias = _compressed_delta(spec, tensors, deltas.finetuned.shape(spec.weight), device)
+            delta = weight if name == spec.weight else bias
+            if delta is not None:
+                value = value + delta.to(value.dtype)
+    _set(model, name, value)
 
 
 class _HessianCollector:
@@ -122,7 +279,7 @@ class _StopForward(Exception):
     pass
 
 
-def _first_layer_inputs(model, first_layer, batches) -> list[tuple[tuple, dict]]:
+def _first_layer_calls(model, first_layer, batches, device) -> list[tuple[tuple, dict]]:
     """The positional and keyword arguments the first decoder layer receives for each calibration batch."""
     captured = []
 
@@ -135,10 +292,21 @@ def _first_layer_inputs(model, first_layer, batches) -> list[tuple[tuple, dict]]
         with torch.no_grad():
             for input_ids, mask in batches:
                 with contextlib.suppress(_StopForward):
-                    model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False)
+                    model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device), use_cache=False)
     finally:
         handle.remove()
     return captured
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _without_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A layer call's other arguments; the hidden states are read from the work folder per layer."""
+    if args:
+        return (None, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": None}
 
 
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ from ..compress import LargestEntries, band_slices
 from ..compress.factors import quantize_factors
 from ..compress.gptq import output_error
 from ..compress.lowrank import BandSlice
-from ..compress.svd import factorize
+from ..compress.svd import Spectrum, factorize
 from ..config import GraftConfig
 from ..errors import CheckpointMismatchError
 from ..pack import layout
@@ -66,8 +66,10 @@ class Compressor:
         grown_rows: dict[str, int],
         act_order: bool,
         damp: float,
+        spectra: Callable[[str], Spectrum | None] | None = None,
     ) -> None:
         self.deltas, self.config, self.plan = deltas, config, plan
+        self.spectra = spectra  # the spectra planning computed, by module name
         self.base, self.finetuned = deltas.base, deltas.finetuned
         self.grown_rows = grown_rows
         self.act_order, self.damp = act_order, damp
@@ -149,7 +151,7 @@ class Compressor:
         if tensors is None:  # dense storage is smaller: read the delta once more, into fp16
             dense = torch.cat([delta for _, delta in self.deltas.row_blocks(spec.weight)]).to(torch.float16)
             if keep < head_rows * cols:
-                mask = torch.zeros(rows * cols, dtype=torch.bool)
+                mask = torch.zeros(rows * cols, dtype=torch.bool, device=dense.device)
                 mask[kept_indices] = True
                 if block_rows is not None:
                     mask[head_rows * cols :] = True
@@ -184,7 +186,8 @@ class Compressor:
             bits = self.plan.lowrank.get(spec.name, [])
             if not bits:
                 return None
-            factors = factorize(logical, rank=len(bits))
+            known = self.spectra(spec.name) if self.spectra is not None else None
+            factors = factorize(logical, rank=len(bits), known=known)
             slices = bit_runs(bits)
         else:
             if spec.role == "attn":

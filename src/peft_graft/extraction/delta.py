@@ -8,25 +8,33 @@ import torch
 
 from ..errors import NonFiniteDeltaError
 from .checkpoint import CheckpointReader
+from .roles import ModuleSpec
 
 
 class DeltaReader:
-    """``finetuned − base`` of any tensor; rows a fine-tune added to an embedding are relative to zero."""
+    """``finetuned − base`` of any tensor, in float32 on `device`; rows a fine-tune added to an embedding are
+    relative to zero."""
 
     # Embedding matrices are streamed in blocks of rows, so the largest delta is never held whole.
     ROW_BLOCK = 4096
 
-    def __init__(self, base: CheckpointReader, finetuned: CheckpointReader) -> None:
+    def __init__(self, base: CheckpointReader, finetuned: CheckpointReader, device: torch.device | str = "cpu") -> None:
         self.base, self.finetuned = base, finetuned
+        self.device = torch.device(device)
+
+    def logical_shape(self, spec: ModuleSpec) -> tuple[int, int]:
+        """(out, in) of a module's weight delta (Conv1D stores its weight transposed)."""
+        rows, cols = self.finetuned.shape(spec.weight)
+        return (cols, rows) if spec.transposed else (rows, cols)
 
     def delta(self, key: str) -> torch.Tensor:
         return self.delta_rows(key, 0, self.finetuned.shape(key)[0] if self.finetuned.shape(key) else 1)
 
     def delta_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a delta."""
-        tuned = self.finetuned.get_rows(key, start, stop).float()
+        tuned = self.finetuned.get_rows(key, start, stop).to(self.device, torch.float32)
         base_rows = self.base.shape(key)[0] if self.base.shape(key) else 1
-        base = self.base.get_rows(key, min(start, base_rows), min(stop, base_rows)).float()
+        base = self.base.get_rows(key, min(start, base_rows), min(stop, base_rows)).to(self.device, torch.float32)
         if base.shape != tuned.shape:
             base = torch.cat([base, base.new_zeros(tuned.shape[0] - base.shape[0], *tuned.shape[1:])])
         delta = tuned - base

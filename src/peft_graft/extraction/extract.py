@@ -1,28 +1,33 @@
 """SkillPack extraction: compress ``Δθ = θ_finetuned − θ_base`` module by module into a GRAFT pack.
 
-Checkpoints are read tensor by tensor; the fine-tune is never loaded as a model. Data-free extraction holds one
-module's delta at a time. Calibrated extraction (see calibration.py) holds the base model and walks it layer by layer.
+Checkpoints are read tensor by tensor; the fine-tune is never loaded as a model. The work goes unit by unit (a module
+outside the decoder layers, or one decoder layer), and each finished unit is written to the work folder (see
+staging.py), so memory holds one unit, not the pack, and a stopped run can resume. Data-free extraction holds one
+module's delta at a time; calibrated extraction (calibration.py) holds one decoder layer of the base at a time.
 
-Everything is checked and computed before anything is written; the pack is written to a temporary folder next to
-the output and renamed into place at the end.
+Everything is checked before anything is written; the pack folder is assembled from the finished units at the end,
+written to a temporary folder next to the output and renamed into place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import resource
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import GraftConfig
-from ..errors import CheckpointMismatchError, MissingTensorError
+from ..errors import CheckpointMismatchError, GraftConfigError, GraftError, MissingTensorError
 from ..pack import layout
 from ..pack.folder import write_pack
 from ..pack.provenance import base_parameters, fingerprint_checkpoint
@@ -31,9 +36,12 @@ from .checkpoint import CheckpointReader
 from .compressor import Compressor
 from .delta import DeltaReader
 from .options import ExtractionOptions
-from .plan import plan_extraction
-from .report import ExtractionReport
+from .plan import cached_spectrum, plan_extraction
+from .report import ExtractionReport, ModuleReport
 from .roles import ModuleSpec, meta_model, module_specs, tied_output_embedding
+from .staging import Staging, fingerprint_of
+
+logger = logging.getLogger(__name__)
 
 
 def extract_skillpack(
@@ -52,13 +60,14 @@ def extract_skillpack(
         base, finetuned: local folders or Hub repo ids (safetensors checkpoints, sharded or not).
         output_dir: the pack folder to create (refused if it exists, unless ``overwrite``).
         config: the compression policy (roles, ranks, energy, density, precision bands); ``GraftConfig()`` if None.
-        options: how to run (budget, GPTQ settings, revisions, overwrite, ...): an :class:`ExtractionOptions`, or its
-            fields as keywords (``budget=1/16, progress=False``), which override the object's.
+        options: how to run (budget, device, GPTQ settings, revisions, resume, ...): an :class:`ExtractionOptions`,
+            or its fields as keywords (``budget=1/16, device="cuda"``), which override the object's.
         calibration: texts (a list of strings, a ``datasets.Dataset`` with a ``text`` column, or a path to a
             ``.jsonl``/``.txt`` file) for GPTQ; None gives round-to-nearest (data-free).
     """
     started = time.perf_counter()
     options = ExtractionOptions.from_keywords(options, option_keywords)
+    device = resolve_device(options.device)
     config = config if config is not None else GraftConfig()
     output_dir = Path(output_dir)
     if output_dir.exists() and not options.overwrite:
@@ -69,7 +78,7 @@ def extract_skillpack(
     finetuned_reader = CheckpointReader(
         finetuned, revision=options.finetuned_revision, token=options.token, allow_pickle=options.allow_pickle
     )
-    deltas = DeltaReader(base_reader, finetuned_reader)
+    deltas = DeltaReader(base_reader, finetuned_reader, device)
     architecture = meta_model(str(base_reader.folder))
     specs, tied_head = _validated_specs(architecture, base_reader, finetuned_reader, config)
     grown_rows = _grown_rows(specs, base_reader, finetuned_reader)
@@ -77,59 +86,114 @@ def extract_skillpack(
         finetuned_reader.numel(name) for name in finetuned_reader.names() if _is_float(finetuned_reader.dtype(name))
     )
     budget_bytes = math.floor(options.budget * fp16_delta_bytes) if options.budget is not None else None
-
-    plan = None
-    if budget_bytes is not None:
-        plan = plan_extraction(specs, deltas, config, budget_bytes, grown_rows, options.progress)
-
     texts = load_texts(calibration, options.calibration_samples) if calibration is not None else None
-    compressor = Compressor(deltas, config, plan, grown_rows, options.act_order, options.damp)
-    if texts:
-        compressed = extract_calibrated(
-            compressor,
-            specs,
-            str(base_reader.folder),
-            finetuned_reader,
-            texts,
-            options.calibration_length,
-            options.batch_size,
-            options.progress,
+    staging = Staging(
+        output_dir,
+        _fingerprint(base_reader, finetuned_reader, config, options, device, texts),
+        resume=options.resume,
+    )
+
+    run = _Run(
+        staging, specs, deltas, config, options, device, texts, budget_bytes, grown_rows, tied_head,
+        architecture, fp16_delta_bytes, output_dir, started, str(base), str(finetuned),
+    )  # fmt: skip
+    try:
+        report = _extract(run)
+    except GraftError:
+        staging.remove()  # a bad input or setting: resuming would fail the same way
+        raise
+    except BaseException:
+        if not staging.any_finished():
+            staging.remove()
+        else:
+            logger.warning("extraction stopped; rerun with resume=True (--resume) to continue from %s", staging.path)
+        raise
+    staging.remove()
+    return report
+
+
+@dataclass
+class _Run:
+    """Everything one extraction works with, checked and resolved before any work is done."""
+
+    staging: Staging
+    specs: list[ModuleSpec]
+    deltas: DeltaReader
+    config: GraftConfig
+    options: ExtractionOptions
+    device: torch.device
+    texts: list[str] | None
+    budget_bytes: int | None
+    grown_rows: dict[str, int]
+    tied_head: str | None
+    architecture: nn.Module
+    fp16_delta_bytes: int
+    output_dir: Path
+    started: float
+    base: str
+    finetuned: str
+
+
+def _extract(run: _Run) -> ExtractionReport:
+    """Plan (budget mode), compress unit by unit into the work folder, then assemble the pack."""
+    staging, options, config, deltas = run.staging, run.options, run.config, run.deltas
+    base_reader, finetuned_reader = deltas.base, deltas.finetuned
+    plan = staging.plan()
+    if run.budget_bytes is not None and plan is None:
+        plan = plan_extraction(run.specs, deltas, config, run.budget_bytes, run.grown_rows, staging, options.progress)
+        staging.save_plan(plan)
+
+    spectra = (lambda name: cached_spectrum(staging, name)) if plan is not None else None
+    compressor = Compressor(deltas, config, plan, run.grown_rows, options.act_order, options.damp, spectra)
+    units = _units(run.specs)
+    if run.texts:
+        reports = extract_calibrated(
+            compressor, units, staging, str(base_reader.folder), run.texts, options, run.device, options.progress
         )
     else:
-        modules = tqdm(specs, desc="extracting", unit="module", disable=not options.progress)
-        compressed = {spec.name: compressor.compress(spec) for spec in modules}
-    compressed = {name: item for name, item in compressed.items() if item is not None}
-    if not compressed:
+        reports = []
+        for position, unit in enumerate(tqdm(units, desc="extracting", unit="unit", disable=not options.progress)):
+            done = staging.finished(position)
+            if done is None:
+                items = {spec.name: compressor.compress(spec) for spec in unit}
+                items = {name: item for name, item in items.items() if item is not None}
+                done = [item.report for item in items.values()]
+                staging.write_unit(position, {name: item.tensors for name, item in items.items()}, done)
+                del items
+            reports += done
+    if not reports:
         raise CheckpointMismatchError("the fine-tune is identical to the base: there is no delta to pack")
 
-    pack_config = _pack_config(config, compressed, base_reader, grown_rows, tied_head)
-    pack_config.base_model_fingerprint = fingerprint_checkpoint(base_reader, base_parameters(architecture))
+    by_name = {report.name: report for report in reports}
+    pack_config = _pack_config(config, by_name, base_reader, run.grown_rows, run.tied_head)
+    pack_config.base_model_fingerprint = fingerprint_checkpoint(base_reader, base_parameters(run.architecture))
     pack_config.pack_info = {
         **config.pack_info,
         "skill": options.skill or config.pack_info.get("skill"),
         "finetuned": finetuned_reader.source,
         "finetuned_revision": finetuned_reader.commit or options.finetuned_revision,
-        "calibrated": bool(texts),
+        "calibrated": bool(run.texts),
         "budget": options.budget,
-        "fp16_delta_bytes": fp16_delta_bytes,
+        "fp16_delta_bytes": run.fp16_delta_bytes,
     }
     report = ExtractionReport(
-        base=str(base),
-        finetuned=str(finetuned),
-        calibrated=bool(texts),
+        base=run.base,
+        finetuned=run.finetuned,
+        calibrated=bool(run.texts),
         budget=options.budget,
-        modules=[item.report for item in compressed.values()],
-        fp16_delta_bytes=fp16_delta_bytes,
+        modules=reports,
+        fp16_delta_bytes=run.fp16_delta_bytes,
         settings={
             "act_order": options.act_order,
             "damp": options.damp,
-            "calibration_samples": len(texts) if texts else 0,
+            "calibration_samples": len(run.texts) if run.texts else 0,
             "calibration_length": options.calibration_length,
             "precision_bands": [list(band) for band in config.precision_bands],
             "group_size": config.group_size,
+            "device": str(run.device),
         },
     )
-    report.wall_seconds = time.perf_counter() - started
+    report.wall_seconds = time.perf_counter() - run.started
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def report_for(pack_bytes: int) -> dict[str, Any]:
@@ -137,15 +201,62 @@ def extract_skillpack(
         return report.to_dict()
 
     write_pack(
-        output_dir,
-        {name: item.tensors for name, item in compressed.items()},
+        run.output_dir,
+        staging.entries(range(len(units))),
         pack_config,
         report=report_for,
-        files=finetuned_reader.tokenizer_files() if grown_rows else [],
+        files=finetuned_reader.tokenizer_files() if run.grown_rows else [],
         overwrite=options.overwrite,
-        max_bytes=budget_bytes,
+        max_bytes=run.budget_bytes,
     )
     return report
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps``, or ``auto`` (CUDA if available, else MPS, else the CPU)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise GraftConfigError(
+            f"device must be cpu, cuda, cuda:N, mps or auto; got {name!r} ({error})", field="device"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GraftConfigError(f"device {name!r} asked for, but CUDA is not available here", field="device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GraftConfigError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices", field="device")
+    return device
+
+
+def _units(specs: list[ModuleSpec]) -> list[list[ModuleSpec]]:
+    """The order of work: each module outside the decoder layers on its own, then each decoder layer whole."""
+    outside = [[spec] for spec in specs if spec.layer_index is None]
+    layers: dict[int, list[ModuleSpec]] = {}
+    for spec in specs:
+        if spec.layer_index is not None:
+            layers.setdefault(spec.layer_index, []).append(spec)
+    return outside + [layers[index] for index in sorted(layers)]
+
+
+def _fingerprint(base, finetuned, config: GraftConfig, options: ExtractionOptions, device, texts) -> str:
+    """What a resumed run must share with the stopped one: inputs, policy, and every setting that changes bytes."""
+    return fingerprint_of(
+        {
+            "base": [base.source, base.commit or base.revision],
+            "finetuned": [finetuned.source, finetuned.commit or finetuned.revision],
+            "config": config.to_dict(),
+            "options": {
+                key: getattr(options, key)
+                for key in ("budget", "act_order", "damp", "calibration_samples", "calibration_length", "batch_size")
+            },
+            "device": device.type,
+            "calibration": fingerprint_of({"texts": texts}) if texts else None,
+        }
+    )
 
 
 def _validated_specs(
@@ -211,23 +322,14 @@ def _grown_rows(specs: list[ModuleSpec], base: CheckpointReader, finetuned: Chec
     }
 
 
-def _grown_rows(specs: list[ModuleSpec], base: CheckpointReader, finetuned: CheckpointReader) -> dict[str, int]:
-    """Base row counts of the embedding matrices the fine-tune grew (added tokens)."""
-    return {
-        spec.name: base.shape(spec.weight)[0]
-        for spec in specs
-        if spec.role == "embed" and base.shape(spec.weight)[0] != finetuned.shape(spec.weight)[0]
-    }
-
-
-def _pack_config(config, compressed, base_reader, grown_rows, tied_head) -> GraftConfig:
+def _pack_config(config, reports: dict[str, ModuleReport], base_reader, grown_rows, tied_head) -> GraftConfig:
     """The pack's GraftConfig: the policy, plus what extraction decided per module and where the base came from."""
-    lowrank = {name: item.report.rank for name, item in compressed.items() if item.report.form == layout.LOWRANK}
-    sparse = {name: item.report.density for name, item in compressed.items() if item.report.form == layout.SPARSE}
-    vocab = max((item.report.shape[0] for name, item in compressed.items() if name in grown_rows), default=None)
+    lowrank = {name: report.rank for name, report in reports.items() if report.form == layout.LOWRANK}
+    sparse = {name: report.density for name, report in reports.items() if report.form == layout.SPARSE}
+    vocab = max((report.shape[0] for name, report in reports.items() if name in grown_rows), default=None)
     return dataclasses.replace(
         config,
-        target_modules=sorted(name for name in compressed if tied_head is None or name != tied_head),
+        target_modules=sorted(name for name in reports if tied_head is None or name != tied_head),
         rank_pattern=dict(sorted(lowrank.items())),
         density_pattern={name: float(density) for name, density in sorted(sparse.items())},
         base_model_name_or_path=base_reader.source,

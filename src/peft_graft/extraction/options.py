@@ -24,6 +24,20 @@ class ExtractionOptions:
             "GraftConfig's rank, energy and bands are not used."
         },
     )
+    device: str = field(
+        default="cpu",
+        metadata={
+            "help": "Where the math runs (SVD, GPTQ, planning, Hessians, the calibrated layer walk): cpu, cuda, "
+            "cuda:N, mps, or auto (CUDA if available, else MPS, else the CPU)."
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue a stopped extraction into the same output from its last finished layer (same inputs "
+            "and settings); the pack is byte-identical to an uninterrupted run."
+        },
+    )
     calibration_samples: int = field(default=128, metadata={"help": "Calibration texts used at most (GPTQ)."})
     calibration_length: int = field(default=256, metadata={"help": "Tokens per calibration text."})
     batch_size: int = field(default=8, metadata={"help": "Calibration texts per forward pass."})

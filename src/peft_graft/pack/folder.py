@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from functools import cached_property
@@ -21,7 +20,7 @@ import torch
 from ..errors import BudgetError, CheckpointError, GraftConfigError, PackFormatError, UnsafePackError
 from ..utils.atomic import write_folder
 from ..utils.jsonio import read_json
-from ..utils.safetensors_io import TensorEntry, read_safetensors_header
+from ..utils.safetensors_io import TensorEntry, copy_files, read_safetensors_header, write_safetensors
 from . import layout
 
 if TYPE_CHECKING:
@@ -170,7 +169,7 @@ class PackFolder:
 
 def write_pack(
     output_dir: Path,
-    modules: Mapping[str, Mapping[str, torch.Tensor]],
+    tensors: Mapping[str, TensorEntry],
     config: GraftConfig,
     *,
     report: Callable[[int], dict[str, Any]] | None = None,
@@ -178,23 +177,16 @@ def write_pack(
     overwrite: bool = False,
     max_bytes: int | None = None,
 ) -> None:
-    """Write a pack folder atomically (no partial pack ever looks valid): the tensors of each module (keys relative
-    to the module), the config, `files` (e.g. a tokenizer), ``report(pack_bytes)`` as the report, and the card.
+    """Write a pack folder atomically (no partial pack ever looks valid): the weight file assembled from staged
+    tensors (`tensors`: pack key -> where its bytes are, streamed, never held whole), the config, `files` (e.g. a
+    tokenizer), ``report(pack_bytes)`` as the report, and the card.
 
     A weight file larger than `max_bytes` is refused (BudgetError) and nothing is written.
     """
-    from safetensors.torch import save_file
-
     from .card import write_pack_card
 
-    tensors = {
-        layout.pack_key(name, key): tensor.contiguous()
-        for name, module in modules.items()
-        for key, tensor in module.items()
-    }
-
     def write(staging: Path) -> None:
-        save_file(tensors, staging / layout.ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        write_safetensors(staging / layout.ADAPTER_WEIGHTS, tensors, {"format": "pt"})
         pack_bytes = (staging / layout.ADAPTER_WEIGHTS).stat().st_size
         if max_bytes is not None and pack_bytes > max_bytes:
             raise BudgetError(
@@ -202,8 +194,7 @@ def write_pack(
                 "(a planner bug: please report it)"
             )
         config.save_pretrained(str(staging))
-        for file in files:
-            shutil.copy2(file, staging / file.name)
+        copy_files(list(files), staging)
         if report is not None:
             text = json.dumps(report(pack_bytes), indent=2) + "\n"
             (staging / layout.REPORT_FILE).write_text(text, encoding="utf-8")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import struct
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +31,11 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100_000_000
+# safetensors writes tensor data by dtype, in descending order of its Dtype enum, then by name. Only the dtypes a
+# pack or a checkpoint uses are listed; a test keeps this in step with safetensors' own writer.
+_WRITE_ORDER = {"BOOL": 0, "U8": 4, "I8": 5, "I16": 9, "U16": 10, "F16": 11, "BF16": 12, "I32": 13, "U32": 14}
+_WRITE_ORDER |= {"F32": 15, "F64": 17, "I64": 18, "U64": 19}
+_COPY_CHUNK = 64 << 20
 
 
 class TensorEntry:
@@ -84,3 +92,50 @@ def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
             f"{file} is truncated: {file.stat().st_size} bytes, its header needs {data_start + data_end}", source=file
         )
     return entries
+
+
+def write_safetensors(
+    path: Path, entries: Mapping[str, TensorEntry], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write a safetensors file whose tensors are read from other files (`entries`, by name), chunk by chunk.
+
+    The bytes are those ``safetensors.torch.save_file`` writes for the same tensors and metadata; no tensor is ever
+    held in memory whole, so a pack assembled from staged parts costs one copy buffer.
+    """
+    order = sorted(entries, key=lambda name: (-_WRITE_ORDER[entries[name].dtype], name))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name in order:
+        entry = entries[name]
+        header[name] = {
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
+        offset += entry.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for name in order:
+            entry = entries[name]
+            with open(entry.file, "rb") as source:
+                source.seek(entry.offset)
+                remaining = entry.nbytes
+                while remaining:
+                    chunk = source.read(min(remaining, _COPY_CHUNK))
+                    if not chunk:
+                        raise CheckpointError(f"{entry.file} is truncated: cannot read {name}", source=entry.file)
+                    out.write(chunk)
+                    remaining -= len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def copy_files(files: Sequence[Path], folder: Path) -> None:
+    """Copy files into a folder, keeping their names."""
+    for file in files:
+        shutil.copy2(file, folder / file.name)
