@@ -102,3 +102,47 @@ def scatter_dense(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int,
     dense = values.new_zeros(math.prod(shape))
     dense[indices] = values
     return dense.view(shape)
+
+
+class MagnitudeHistogram:
+    """Counts and energies of the non-zero entries of a stream of blocks, in 1/16-octave bins of their squared
+    magnitude (from 2⁻¹²⁰ to 2⁴⁰, far wider than any delta needs). Bins never cut between equal magnitudes, so a
+    selection can be settled bin by bin and only the one bin holding the cut needs the exact values."""
+
+    LOG2_LOW, LOG2_HIGH, PER_OCTAVE = -120, 40, 16
+
+    def __init__(self) -> None:
+        size = (self.LOG2_HIGH - self.LOG2_LOW) * self.PER_OCTAVE + 2  # bin 0: zeros; the last: everything above
+        self.counts = torch.zeros(size, dtype=torch.float64)
+        self.energies = torch.zeros(size, dtype=torch.float64)
+
+    def bins(self, squared: torch.Tensor) -> torch.Tensor:
+        """Each entry's bin (0 for zeros) from its squared magnitude; a higher bin holds strictly larger ones."""
+        squared = squared.double()
+        index = ((squared.log2() - self.LOG2_LOW) * self.PER_OCTAVE).floor().clamp(0, self.counts.numel() - 2) + 1
+        return torch.where(squared > 0, index, torch.zeros_like(index)).long()
+
+    def add(self, squared: torch.Tensor, sign: float = 1.0) -> None:
+        """Count entries given by their squared magnitudes (`sign` -1 takes them out again)."""
+        index = self.bins(squared).cpu()
+        self.counts += sign * torch.bincount(index, minlength=self.counts.numel()).double()
+        self.energies += sign * torch.bincount(index, weights=squared.double().cpu(), minlength=self.counts.numel())
+
+    def cut(self, keep: int) -> tuple[int, int]:
+        """``(bin, above)``: the bin holding the `keep`-th largest non-zero entry, and how many entries lie in higher
+        bins; ``(0, nonzero)`` when `keep` covers every non-zero entry."""
+        counts = self.counts.round().long()
+        above = 0
+        for index in range(counts.numel() - 1, 0, -1):
+            if above + int(counts[index]) >= keep:
+                return index, above
+            above += int(counts[index])
+        return 0, above
+
+    def descending(self) -> list[tuple[int, float]]:
+        """``(count, energy)`` of each non-empty bin, largest magnitudes first."""
+        return [
+            (round(float(self.counts[index])), float(self.energies[index]))
+            for index in range(self.counts.numel() - 1, 0, -1)
+            if self.counts[index] >= 0.5
+        ]

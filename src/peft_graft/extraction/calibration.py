@@ -184,7 +184,6 @@ def _unit(
     for spec in unit:
         item = compressor.compress(spec, hessians.pop(spec.name, None))
         if item is not None:
-            item.decoded = None  # the layer is rebuilt from the stored tensors, the one source of truth
             items[spec.name] = item
     reports = [item.report for item in items.values()]
     staging.write_unit(position, {name: item.tensors for name, item in items.items()}, reports)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from ..compress import LargestEntries, band_slices
+from ..compress import MagnitudeHistogram, band_slices
 from ..compress.factors import quantize_factors
 from ..compress.gptq import output_error
 from ..compress.lowrank import BandSlice
@@ -17,7 +16,7 @@ from ..compress.svd import Spectrum, factorize
 from ..config import GraftConfig
 from ..errors import CheckpointMismatchError
 from ..pack import layout
-from ..pack.codec import decode_lowrank, decode_values, encode_factors, sparse_tensors, tensors_nbytes
+from ..pack.codec import decode_lowrank, encode_factors, sparse_tensors, tensors_nbytes
 from ..pack.cost import dense_bytes, direction_bytes, lowrank_overhead_bytes
 from .budget import BudgetPlan
 from .delta import DeltaReader
@@ -27,32 +26,10 @@ from .roles import ModuleSpec
 
 @dataclass
 class Compressed:
-    """One module's pack tensors (relative keys), its report, and its decoded delta (to update an in-memory model).
-
-    The decoded delta is kept in its compact form: ``("lowrank", (u, s, v))``, ``("sparse", (flat indices, values))``
-    or ``("dense", values)``, all in the logical (out, in) layout.
-    """
+    """One module's pack tensors (keys relative to the module) and its report."""
 
     tensors: dict[str, torch.Tensor]
     report: ModuleReport
-    decoded: tuple[str, Any] | None
-    bias_delta: torch.Tensor | None = None
-
-    def apply_to(self, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> None:
-        """Add the decoded deltas to a module's parameters (in place; `weight` in its stored layout)."""
-        if self.decoded is not None:
-            kind, data = self.decoded
-            target = weight.T if transposed else weight
-            if kind == layout.LOWRANK:
-                u, s, v = data
-                target.add_(((u * s) @ v.T).to(weight.dtype))
-            elif kind == layout.SPARSE:
-                indices, values = data
-                target.reshape(-1).index_add_(0, indices, values.to(weight.dtype))
-            else:
-                target.add_(data.reshape(target.shape).to(weight.dtype))
-        if self.bias_delta is not None and bias is not None:
-            bias.add_(self.bias_delta.to(bias.dtype))
 
 
 class Compressor:
@@ -102,10 +79,9 @@ class Compressor:
             if bias_delta is None:
                 return None
             report = ModuleReport(spec.name, spec.role, layout.BIAS, list(bias_delta.shape))
-            item = Compressed({}, report, None)
+            item = Compressed({}, report)
         if bias_delta is not None:
             item.tensors["graft_bias"] = bias_delta.to(torch.float16)
-            item.bias_delta = bias_delta.to(torch.float16).float()
             item.report.bytes += 2 * bias_delta.numel()
         return item
 
@@ -119,10 +95,15 @@ class Compressor:
             bytes=2 * logical.numel(),
             frobenius_error=relative_error(logical, stored.float()),
         )
-        return Compressed({"graft_values": stored}, report, (layout.DENSE, stored.float()))
+        return Compressed({"graft_values": stored}, report)
 
     def _sparse(self, spec) -> Compressed | None:
-        """Magnitude pruning, streamed over row blocks: only the running top entries are kept in memory."""
+        """Magnitude pruning, in three streaming passes over row blocks, holding only what the pack will store:
+
+        1. the total energy and a magnitude histogram, which settle every kept entry but those of one bin;
+        2. that bin's magnitudes, which give the exact cut (ties at the cut: the first entries, by position);
+        3. the kept entries themselves, collected in ascending position as int32/int64 indices and fp16 values.
+        """
         shape = self.finetuned.shape(spec.weight)
         rows, cols = shape
         rows_from = self.grown_rows.get(spec.name)
@@ -131,52 +112,63 @@ class Compressor:
             keep = self.plan.sparse.get(spec.name, 0)
         else:
             keep = math.ceil(self.config.density_for(spec.name) * head_rows * cols)
-        largest = LargestEntries(keep)
-        block = []
+        histogram = MagnitudeHistogram()
         total = 0.0
         for start, delta in self.deltas.row_blocks(spec.weight):
             total += float(delta.double().pow(2).sum())
-            head = delta[: max(0, head_rows - start)].reshape(-1)
-            if head.numel():
-                largest.add(head, start * cols)
-            if start + delta.shape[0] > head_rows:
-                block.append(delta[max(0, head_rows - start) :])
+            histogram.add(delta[: max(0, head_rows - start)].reshape(-1).pow(2))
         if total == 0.0:
             return None
-        kept_indices, kept_values = largest.result()
+        cut_bin, above = histogram.cut(keep)
+        cut_value, at_cut = _cut_within(self.deltas, spec.weight, head_rows, histogram, cut_bin, keep - above)
+
+        index_dtype = torch.int32 if rows * cols < 2**31 else torch.int64
+        kept_indices, kept_values, block = [], [], []
+        kept_energy = rounding = 0.0
+        for start, delta in self.deltas.row_blocks(spec.weight):
+            head = delta[: max(0, head_rows - start)].reshape(-1)
+            if head.numel():
+                magnitude = head.abs()
+                take = magnitude > cut_value if cut_bin else magnitude > 0
+                if at_cut:  # the first entries tied at the cut, by position
+                    tied = (magnitude == cut_value).nonzero().squeeze(1)[:at_cut]
+                    take[tied] = True
+                    at_cut -= tied.numel()
+                positions = take.nonzero().squeeze(1)
+                values = head[positions]
+                stored = values.to(torch.float16)
+                kept_energy += float(values.double().pow(2).sum())
+                rounding += float((stored.double() - values.double()).pow(2).sum())
+                kept_indices.append((positions + start * cols).to(index_dtype))
+                kept_values.append(stored)
+            if start + delta.shape[0] > head_rows:  # rows a fine-tune added: kept whole, as a dense block
+                tail = delta[max(0, head_rows - start) :]
+                rounding += float((tail.to(torch.float16).double() - tail.double()).pow(2).sum())
+                kept_energy += float(tail.double().pow(2).sum())
+                block.append(tail)
+        indices = torch.cat(kept_indices) if kept_indices else torch.empty(0, dtype=index_dtype)
+        values = torch.cat(kept_values) if kept_values else torch.empty(0, dtype=torch.float16)
         block_rows = torch.cat(block) if block else None
-        if kept_indices.numel() == 0 and block_rows is None:
+        if indices.numel() == 0 and block_rows is None:
             return None  # the budget spends nothing here
-        tensors = sparse_tensors(kept_indices, kept_values, tuple(shape), rows_from, block_rows)
-        if tensors is None:  # dense storage is smaller: read the delta once more, into fp16
-            dense = torch.cat([delta for _, delta in self.deltas.row_blocks(spec.weight)]).to(torch.float16)
-            if keep < head_rows * cols:
-                mask = torch.zeros(rows * cols, dtype=torch.bool, device=dense.device)
-                mask[kept_indices] = True
-                if block_rows is not None:
-                    mask[head_rows * cols :] = True
-                dense = dense.reshape(-1).masked_fill(~mask, 0).reshape(shape)
-            tensors = {"graft_values": dense}
-        values, indices, _ = decode_values(tensors, tuple(shape))
-        if indices is None:
-            indices = values.reshape(-1).nonzero().squeeze(1)
-            values = values.reshape(-1)[indices]
-        kept_energy = float(kept_values.double().pow(2).sum()) + (
-            float(block_rows.double().pow(2).sum()) if block_rows is not None else 0.0
-        )
-        stored_values = torch.cat([kept_values, block_rows.reshape(-1)]) if block_rows is not None else kept_values
-        rounding = float((values.double() - stored_values.double()).pow(2).sum())
+        tensors = sparse_tensors(indices, values, tuple(shape), rows_from, block_rows)
+        if tensors is None:  # dense storage is smaller: the kept entries (and added rows) in a dense fp16 matrix
+            dense = torch.zeros(rows * cols, dtype=torch.float16, device=values.device)
+            dense[indices.long()] = values
+            if block_rows is not None:
+                dense[head_rows * cols :] = block_rows.reshape(-1).to(torch.float16)
+            tensors = {"graft_values": dense.reshape(shape)}
         form = layout.SPARSE if "graft_indices" in tensors else layout.DENSE
         report = ModuleReport(
             spec.name,
             spec.role,
             form,
             list(shape),
-            density=kept_indices.numel() / (head_rows * cols),
+            density=indices.numel() / (head_rows * cols),
             bytes=tensors_nbytes(tensors),
             frobenius_error=math.sqrt(max(0.0, total - kept_energy) + rounding) / math.sqrt(total),
         )
-        return Compressed(tensors, report, (layout.SPARSE, (indices, values)))
+        return Compressed(tensors, report)
 
     def _lowrank(self, spec, logical, hessian) -> Compressed | None:
         out_features, in_features = logical.shape
@@ -227,7 +219,7 @@ class Compressor:
             svd=factors.method,
             output_error=output_error(logical, restored, hessian) if hessian is not None else None,
         )
-        return Compressed(tensors, report, (layout.LOWRANK, (u, s, v)))
+        return Compressed(tensors, report)
 
 
 def bit_runs(bits: Sequence[int]) -> list[BandSlice]:
@@ -243,3 +235,17 @@ def bit_runs(bits: Sequence[int]) -> list[BandSlice]:
 def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     norm = float(reference.double().norm())
     return float((reference.double() - approximation.double()).norm()) / norm if norm else 0.0
+
+
+def _cut_within(deltas: DeltaReader, key: str, head_rows: int, histogram, cut_bin: int, wanted: int):
+    """``(cut, ties)``: the magnitude of the `wanted`-th largest entry of histogram bin `cut_bin` (every entry above
+    it is kept) and how many entries equal to it are kept too; ``(0.0, 0)`` when there is no cut (keep all)."""
+    if cut_bin == 0:
+        return 0.0, 0
+    in_bin = []
+    for start, delta in deltas.row_blocks(key):
+        head = delta[: max(0, head_rows - start)].reshape(-1)
+        in_bin.append(head.abs()[histogram.bins(head.pow(2)) == cut_bin])
+    magnitudes = torch.cat(in_bin)
+    cut = magnitudes.kthvalue(magnitudes.numel() - wanted + 1).values
+    return float(cut), wanted - int((magnitudes > cut).sum())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -15,8 +16,9 @@ class DeltaReader:
     """``finetuned − base`` of any tensor, in float32 on `device`; rows a fine-tune added to an embedding are
     relative to zero."""
 
-    # Embedding matrices are streamed in blocks of rows, so the largest delta is never held whole.
-    ROW_BLOCK = 4096
+    # Embedding matrices are streamed in blocks of rows (about this many entries each), so the largest delta is never
+    # held whole, and wide vocabularies cost no more per block than narrow ones.
+    BLOCK_ENTRIES = 1 << 22
 
     def __init__(self, base: CheckpointReader, finetuned: CheckpointReader, device: torch.device | str = "cpu") -> None:
         self.base, self.finetuned = base, finetuned
@@ -47,6 +49,8 @@ class DeltaReader:
         return delta
 
     def row_blocks(self, key: str) -> Iterable[tuple[int, torch.Tensor]]:
-        rows = self.finetuned.shape(key)[0]
-        for start in range(0, rows, self.ROW_BLOCK):
-            yield start, self.delta_rows(key, start, min(start + self.ROW_BLOCK, rows))
+        """``(first row, delta of the rows)`` over the whole tensor, in blocks of about BLOCK_ENTRIES entries."""
+        rows, *rest = self.finetuned.shape(key)
+        step = max(1, self.BLOCK_ENTRIES // max(1, math.prod(rest)))
+        for start in range(0, rows, step):
+            yield start, self.delta_rows(key, start, min(start + step, rows))

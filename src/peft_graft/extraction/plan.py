@@ -9,10 +9,9 @@ entries than that, as it does for every model up to a few billion parameters at 
 
 from __future__ import annotations
 
-import torch
 from tqdm.auto import tqdm
 
-from ..compress import LargestEntries
+from ..compress import LargestEntries, MagnitudeHistogram
 from ..compress.svd import Spectrum, spectrum
 from ..config import GraftConfig
 from ..errors import BudgetError
@@ -23,8 +22,6 @@ from .roles import ModuleSpec
 from .staging import Staging
 
 EXACT_ENTRIES = 1 << 22
-# Histogram of squared magnitudes: 1/16-octave bins from 2^-120 to 2^40 (a delta's entries are far inside).
-_LOG2_LOW, _LOG2_HIGH, _BINS_PER_OCTAVE = -120, 40, 16
 
 
 def plan_extraction(
@@ -88,31 +85,17 @@ def _sparse_candidate(
 ) -> SparseCandidate | None:
     exact = min(affordable_entries, EXACT_ENTRIES)
     largest = LargestEntries(exact, positions=False)
-    bins = (_LOG2_HIGH - _LOG2_LOW) * _BINS_PER_OCTAVE
-    counts = torch.zeros(bins + 2, dtype=torch.float64)
-    energies = torch.zeros(bins + 2, dtype=torch.float64)
-    histogram = affordable_entries > exact
+    histogram = MagnitudeHistogram() if affordable_entries > exact else None
     for start, delta in deltas.row_blocks(spec.weight):
         squared = delta[: max(0, head_rows - start)].reshape(-1).pow(2)
         largest.add(squared)
-        if histogram:
-            _histogram_add(counts, energies, squared)
+        if histogram is not None:
+            histogram.add(squared)
     squared = largest.result()[1].sort(descending=True).values.cpu()
     if not squared.numel():
         return None
     tail: tuple[tuple[int, float], ...] = ()
-    if histogram and squared.numel() == exact:
-        _histogram_add(counts, energies, squared, sign=-1.0)  # what the exact part holds is not tail
-        tail = tuple(
-            (round(float(counts[index])), float(energies[index]))
-            for index in range(bins + 1, 0, -1)
-            if counts[index] >= 0.5
-        )
+    if histogram is not None and squared.numel() == exact:
+        histogram.add(squared, sign=-1.0)  # what the exact part holds is not tail
+        tail = tuple(histogram.descending())
     return SparseCandidate(spec.name, head_rows * cols, squared, tail)
-
-
-def _histogram_add(counts: torch.Tensor, energies: torch.Tensor, squared: torch.Tensor, sign: float = 1.0) -> None:
-    values = squared[squared > 0].double()
-    index = ((values.log2() - _LOG2_LOW) * _BINS_PER_OCTAVE).floor().clamp(-1, counts.numel() - 2).long() + 1
-    counts += sign * torch.bincount(index.cpu(), minlength=counts.numel()).double()
-    energies += sign * torch.bincount(index.cpu(), weights=values.cpu(), minlength=counts.numel())
