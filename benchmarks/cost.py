@@ -1,6 +1,6 @@
-"""Extraction cost: wall time and peak RSS of ``peft-graft extract`` (data-free and calibrated) against the low-rank
-extractor (``mergekit-extract-lora``) on the same pair and at the same bytes, each in its own process; then how
-data-free extraction grows with model size on synthetic Llama shapes (random deltas).
+"""Extraction cost on the real pair: wall time and peak RSS of ``peft-graft extract`` (data-free and calibrated)
+against the low-rank extractor (``mergekit-extract-lora``) on the SmolLM2-135M arithmetic fine-tune, at the same
+bytes, each in its own process. How extraction grows with model size is benchmarks/scale.py.
 
     python benchmarks/cost.py [--quick]
 """
@@ -20,26 +20,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, run_measured, write_results
+from common import markdown_table, run_measured, write_results
 
 from peft_graft._demo.bundled import bundled_model
 from peft_graft._demo.recipes import ARITHMETIC, finetuned_skill
 from peft_graft.evaluation.tasks import chat_text
 
 BUDGET = 1 / 16
-# (hidden, intermediate, layers, heads, kv heads): SmolLM2-135M's shape, then wider/deeper Llama shapes
-SHAPES = {
-    "135M": (576, 1536, 30, 9, 3),
-    "360M": (960, 2560, 32, 15, 5),
-    "720M": (1536, 4096, 24, 16, 8),
-    "1.5B": (2048, 5632, 24, 16, 8),
-}
-QUICK_SHAPES = ("135M",)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one synthetic size (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="write the results as cost-quick.* (the run is the same)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
@@ -91,37 +83,6 @@ def main() -> None:
     mk_name = next(n for n in real if n.startswith("mergekit"))
     real_ratio = real["peft-graft extract (data-free)"]["seconds"] / real[mk_name]["seconds"]
 
-    scale = {}
-    for label in QUICK_SHAPES if args.quick else SHAPES:
-        pair = _synthetic_pair(work / label, *SHAPES[label])
-        size = _checkpoint_bytes(pair[1])
-        seconds, peak = run_measured(
-            [
-                cli,
-                "extract",
-                "--base",
-                str(pair[0]),
-                "--finetuned",
-                str(pair[1]),
-                "--budget",
-                str(BUDGET),
-                "--output",
-                str(work / label / "pack"),
-            ]
-        )
-        scale[label] = {
-            "params": size // 2,
-            "model_bytes": size,
-            "seconds": seconds,
-            "peak_rss": peak,
-            "rss_over_model": peak / size,
-        }
-        print(
-            f"synthetic {label:<6} data-free extract {seconds:6.1f} s  peak RSS {peak / 2**20:7.0f} MiB "
-            f"({peak / size:.2f}x the model)"
-        )
-        shutil.rmtree(work / label)
-
     table = (
         f"SmolLM2-135M-Instruct -> arithmetic fine-tune ({model_bytes / 2**20:.0f} MiB on disk, fp32), budget 1/16\n\n"
     )
@@ -133,33 +94,18 @@ def main() -> None:
         ],
     )
     table += f"\n\ndata-free time / mergekit time: {real_ratio:.2f} (target <= 0.5)\n\n"
-    table += "Synthetic Llama shapes, random deltas, data-free at 1/16:\n\n" + markdown_table(
-        ["size", "bf16 bytes (MiB)", "wall (s)", "peak RSS (MiB)", "RSS / model bytes"],
-        [
-            [
-                n,
-                f"{r['model_bytes'] / 2**20:.0f}",
-                f"{r['seconds']:.1f}",
-                f"{r['peak_rss'] / 2**20:.0f}",
-                f"{r['rss_over_model']:.2f}",
-            ]
-            for n, r in scale.items()
-        ],
-    )
     suffix = "-quick" if args.quick else ""
     write_results(
         "cost",
         {
             "real": real,
             "data_free_over_mergekit": real_ratio,
-            "scale": scale,
             "budget": BUDGET,
             "seconds": time.perf_counter() - started,
         },
         table,
         suffix,
     )
-    _plot(scale, suffix)
     print(table)
     print(f"total {time.perf_counter() - started:.0f} s")
     shutil.rmtree(work, ignore_errors=True)
@@ -181,56 +127,6 @@ def _rank_for(base_dir: Path, budget: float) -> int:
             if len(shape) == 2:
                 per_rank += 2 * (shape[0] + shape[1])
     return max(1, int(budget * entries // per_rank))
-
-
-def _synthetic_pair(folder: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int):
-    """A random bf16 Llama base and a 'fine-tune' = base + a small random delta, saved as safetensors."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        tie_word_embeddings=True,
-        dtype="bfloat16",
-    )
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.02)
-    model.save_pretrained(folder / "base")
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 1e-3)
-    model.save_pretrained(folder / "finetuned")
-    return folder / "base", folder / "finetuned"
-
-
-def _plot(scale, suffix: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = [r["params"] / 1e6 for r in scale.values()]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    left.plot(sizes, [r["seconds"] for r in scale.values()], "o-")
-    left.set_xlabel("parameters (M)")
-    left.set_ylabel("wall time (s)")
-    right.plot(sizes, [r["peak_rss"] / 2**30 for r in scale.values()], "o-", label="peak RSS")
-    right.plot(sizes, [r["model_bytes"] / 2**30 for r in scale.values()], "--", label="one model (bf16)")
-    right.set_xlabel("parameters (M)")
-    right.set_ylabel("GiB")
-    right.legend()
-    figure.suptitle("data-free extraction cost vs model size (synthetic Llama, 1/16)")
-    figure.tight_layout()
-    figure.savefig(RESULTS / f"extraction_cost{suffix}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -364,6 +364,11 @@ def test_report_is_written_and_inspect_prints_it(tmp_path):
     assert "ratio" in result.stdout
     report = ExtractionReport.load(tmp_path / "pack")
     assert report.fp16_delta_bytes > report.pack_bytes > 0 and report.peak_rss_bytes > 0 and report.wall_seconds > 0
+    stages = report.stage_seconds
+    assert set(stages) == {"setup", "planning", "compression", "writing", "per_layer"}
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert abs(sum(stages[k] for k in ("setup", "planning", "compression", "writing")) - report.wall_seconds) < 1e-6
+    assert "stages: setup" in result.stdout
     q_proj = next(m for m in report.modules if m.name.endswith("layers.0.self_attn.q_proj"))
     assert q_proj.rank == 8 and q_proj.bands == [[4, 8], [4, 4]]
     shown = subprocess.run([*cli, "inspect", str(tmp_path / "pack")], capture_output=True, text=True, check=True)

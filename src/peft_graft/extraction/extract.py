@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import math
 import os
-import resource
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from .compressor import Compressor
 from .delta import DeltaReader
 from .options import ExtractionOptions
 from .plan import cached_spectrum, plan_extraction
-from .report import ExtractionReport, ModuleReport
+from .report import ExtractionReport, ModuleReport, peak_rss_bytes
 from .roles import ModuleSpec, meta_model, module_specs, tied_output_embedding
 from .staging import Staging, fingerprint_of
 
@@ -138,10 +137,12 @@ def _extract(run: _Run) -> ExtractionReport:
     """Plan (budget mode), compress unit by unit into the work folder, then assemble the pack."""
     staging, options, config, deltas = run.staging, run.options, run.config, run.deltas
     base_reader, finetuned_reader = deltas.base, deltas.finetuned
+    stages = {"setup": time.perf_counter() - run.started}
     plan = staging.plan()
     if run.budget_bytes is not None and plan is None:
         plan = plan_extraction(run.specs, deltas, config, run.budget_bytes, run.grown_rows, staging, options.progress)
         staging.save_plan(plan)
+    stages["planning"] = time.perf_counter() - run.started - sum(stages.values())
 
     spectra = (lambda name: cached_spectrum(staging, name)) if plan is not None else None
     compressor = Compressor(deltas, config, plan, run.grown_rows, options.act_order, options.damp, spectra)
@@ -163,6 +164,7 @@ def _extract(run: _Run) -> ExtractionReport:
             reports += done
     if not reports:
         raise CheckpointMismatchError("the fine-tune is identical to the base: there is no delta to pack")
+    stages["compression"] = time.perf_counter() - run.started - sum(stages.values())
 
     by_name = {report.name: report for report in reports}
     pack_config = _pack_config(config, by_name, base_reader, run.grown_rows, run.tied_head)
@@ -193,11 +195,17 @@ def _extract(run: _Run) -> ExtractionReport:
             "device": str(run.device),
         },
     )
-    report.wall_seconds = time.perf_counter() - run.started
-    report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    layers = len({spec.layer_index for spec in run.specs if spec.layer_index is not None})
 
     def report_for(pack_bytes: int) -> dict[str, Any]:
         report.pack_bytes = pack_bytes
+        report.wall_seconds = time.perf_counter() - run.started
+        report.stage_seconds = {
+            **stages,
+            "writing": report.wall_seconds - sum(stages.values()),
+            "per_layer": stages["compression"] / max(layers, 1),
+        }
+        report.peak_rss_bytes = peak_rss_bytes()
         return report.to_dict()
 
     write_pack(

@@ -37,6 +37,9 @@ class ExtractionReport:
     pack_bytes: int = 0
     fp16_delta_bytes: int = 0
     wall_seconds: float = 0.0
+    # setup (reading headers, the meta model), planning (budget mode), compression, writing, and compression per
+    # decoder layer (a resumed run counts only what it did itself)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_bytes: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -86,4 +89,24 @@ class ExtractionReport:
             f"(ratio {self.ratio:.4f})  modules {len(self.modules)}  calibrated {self.calibrated}  "
             f"wall {self.wall_seconds:.1f} s  peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
         )
+        if self.stage_seconds:
+            stages = (f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.stage_seconds.items())
+            lines.append("stages: " + "  ".join(stages))
         return "\n".join(lines)
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory. On Linux, VmHWM: ``ru_maxrss`` also counts the memory of the parent
+    process that spawned this one (vfork/exec carries its high-water mark over), so it overstates a CLI run."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, the others KiB
