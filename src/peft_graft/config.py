@@ -13,6 +13,7 @@ from peft.utils import PeftType
 from peft.utils.other import get_pattern_key
 
 from .errors import GraftConfigError
+from .utils.patterns import check_pattern
 
 FORMAT_VERSION = 1
 """Version of the packed tensor layout (peft_graft.pack.codec); a pack from a newer format is refused."""
@@ -157,6 +158,7 @@ class GraftConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         self.precision_bands = _normalize_bands(self.precision_bands)
+        self._check_patterns()
         _check_positive_int("r", self.r)
         if not isinstance(self.rank_pattern, dict):
             raise GraftConfigError(
@@ -205,6 +207,23 @@ class GraftConfig(PeftConfig):
                     "end the bands with (None, bits) to cover the rest",
                     field="precision_bands",
                 )
+
+    def _check_patterns(self) -> None:
+        """Every string PEFT or GRAFT matches as a regular expression against module names: one from an untrusted
+        pack config must not be able to hang loading (utils/patterns.py says what is allowed)."""
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), str):
+                check_pattern(getattr(self, name), name)
+        for name in ("rank_pattern", "density_pattern", "module_roles"):
+            mapping = getattr(self, name)
+            if not isinstance(mapping, dict):
+                raise GraftConfigError(f"{name} must be a dict of module pattern -> value, got {mapping!r}", field=name)
+            for pattern in mapping:
+                check_pattern(pattern, f"a {name} key")
+        for name in ("modules_to_save", "layers_pattern"):
+            value = getattr(self, name, None)
+            for pattern in [value] if isinstance(value, str) else value or []:
+                check_pattern(pattern, name)
 
     def to_dict(self) -> dict:
         # Sets are written in sorted order so that saving the same pack twice gives the same config file.

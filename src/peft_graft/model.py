@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ._mixed_batch import BASE_ADAPTER, ROW_ADAPTERS
 from .config import GraftConfig
+from .errors import PackFormatError
 from .layer import GraftEmbedding, GraftLayer, GraftLinear, GraftNorm, graft_layers
 from .pack.adapter_io import pack_state_dict, unpack_state_dict
 from .pack.codec import PackingPolicy
@@ -216,10 +217,28 @@ class GraftModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         """Decode packed tensors into float tensors (once, in the adapter's dtype), then map keys as PEFT does."""
-        decoded = unpack_state_dict(model, adapter_name, state_dict, PackingPolicy.from_config(config))
+        try:
+            decoded = unpack_state_dict(model, adapter_name, state_dict, PackingPolicy.from_config(config))
+        except PackFormatError:
+            _withdraw(model, adapter_name)  # the pack is refused: leave the model as it was before loading it
+            raise
         return super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=decoded
         )
+
+
+def _withdraw(model: nn.Module, adapter_name: str) -> None:
+    """Take an adapter's injected GRAFT layers out again: a wrapper that holds only this adapter gives its base
+    layer back to its parent; one that holds others forgets this one."""
+    for name, layer in list(graft_layers(model)):
+        adapters = layer._all_available_adapter_names()
+        if adapter_name not in adapters:
+            continue
+        if adapters == [adapter_name]:
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, layer.get_base_layer())
+        else:
+            layer.delete_adapter(adapter_name)
 
 
 def grow_vocabulary(model: nn.Module, vocab_size: int) -> None:

@@ -119,16 +119,23 @@ def unpack_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Decode a pack file's tensors into the float tensors of the model's GRAFT layers (installed on the way).
 
-    Keys of modules that are not GRAFT layers of this model are passed through, for load_state_dict to report.
+    A pack may only set GRAFT tensors, and exactly those of the modules its config adapts: any other key (a base
+    weight such as ``...k_proj.weight`` would overwrite the base model, for every pack and for ``disable_adapter``),
+    tensors of modules the config does not adapt, and adapted modules the file leaves out (they would keep their
+    initial values) are refused before anything is loaded.
     """
     packed_by_module: dict[str, dict[str, torch.Tensor]] = {}
-    decoded: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         position = key.find(f".{layout.KEY_PREFIX}")
         if position < 0:
-            decoded[key] = tensor
-        else:
-            packed_by_module.setdefault(key[:position], {})[key[position + 1 :]] = tensor
+            raise PackFormatError(
+                f"the pack file holds {key!r}, which is not a GRAFT tensor: a pack may only set GRAFT tensors "
+                f"({layout.KEY_PREFIX}*), never the base model's weights. Remove the key, or re-save the pack with "
+                "save_pretrained from a model that loaded it."
+            )
+        packed_by_module.setdefault(key[:position], {})[key[position + 1 :]] = tensor
+    decoded: dict[str, torch.Tensor] = {}
+    missing = []
     for module_name, layer in graft_layers(model):
         if not layer.owns(adapter_name):
             continue
@@ -136,12 +143,29 @@ def unpack_state_dict(
             if prefix in packed_by_module:
                 break
         else:
+            if adapter_name not in layer.graft_tied:  # a tied follower's delta is its source's
+                missing.append(module_name)
             continue
         try:
             floats = unpack_adapter(layer, adapter_name, packed_by_module.pop(prefix), policy)
         except PackFormatError as error:
             raise PackFormatError(f"adapter {adapter_name!r}, module {module_name}: {error}") from error
         decoded.update({f"{prefix}.{attr}": tensor for attr, tensor in floats.items()})
-    for module_name, tensors in packed_by_module.items():
-        decoded.update({f"{module_name}.{key}": tensor for key, tensor in tensors.items()})
+    if packed_by_module:
+        raise PackFormatError(
+            f"the pack file holds tensors for {_listed(packed_by_module)}, which adapter {adapter_name!r} does not "
+            "adapt in this model (its target_modules / exclude_modules, or another architecture): the pack is "
+            "inconsistent with its adapter_config.json"
+        )
+    if missing:
+        raise PackFormatError(
+            f"adapter {adapter_name!r} adapts {_listed(missing)}, but the pack file holds no tensors for "
+            f"{'it' if len(missing) == 1 else 'them'}: the file is incomplete (re-download or re-save the pack)"
+        )
     return decoded
+
+
+def _listed(names, shown: int = 3) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -8,7 +8,9 @@ A pack folder::
     README.md                    the model card
     tokenizer files              when the fine-tune changed the vocabulary
 
-Pickle weights are never read from a pack, whatever their name.
+Pickle weights are never read from a pack, whatever their name. A pack sets only GRAFT tensors (``graft_*`` keys), and
+exactly those of the modules its config adapts: any other key (a base weight would overwrite the base model), tensors
+of modules the config does not adapt, and adapted modules missing from the file are refused with PackFormatError.
 """
 
 from __future__ import annotations

@@ -1,0 +1,106 @@
+"""Hostile or inconsistent pack files: each is refused with a typed error before it can change the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from peft_graft import GraftConfig, GraftConfigError, PackFormatError
+
+from tiny_models import tiny_llama, token_batch
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(token_batch()).logits
+
+
+def _saved_pack(path, targets=("q_proj", "v_proj")):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), GraftConfig(target_modules=list(targets), init_weights=False))
+    model.save_pretrained(path)
+    return path
+
+
+def _rewrite(pack, change) -> None:
+    tensors = load_file(pack / ADAPTER_FILE)
+    change(tensors)
+    save_file(tensors, pack / ADAPTER_FILE, metadata={"format": "pt"})
+
+
+def test_a_pack_holding_a_base_weight_is_refused_and_the_base_is_untouched(tmp_path):
+    pack = _saved_pack(tmp_path / "pack")
+    key = "base_model.model.model.layers.0.self_attn.k_proj.weight"
+    _rewrite(pack, lambda tensors: tensors.__setitem__(key, torch.full((32, 64), 7.0)))
+    base = tiny_llama().eval()
+    before = _logits(base)
+    with pytest.raises(PackFormatError, match=r"k_proj\.weight.*not a GRAFT tensor"):
+        PeftModel.from_pretrained(base, pack)
+    assert torch.equal(_logits(base), before)  # no injected layer left behind, no weight overwritten
+    assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_tensors_of_a_module_the_config_does_not_adapt_are_refused(tmp_path):
+    pack = _saved_pack(tmp_path / "pack")
+
+    def add_o_proj(tensors):
+        for key in [k for k in tensors if ".layers.0.self_attn.q_proj." in k]:
+            tensors[key.replace("q_proj", "o_proj")] = tensors[key].clone()
+
+    _rewrite(pack, add_o_proj)
+    with pytest.raises(PackFormatError, match=r"holds tensors for .*o_proj.*does not adapt"):
+        PeftModel.from_pretrained(tiny_llama(), pack)
+
+
+def test_an_adapted_module_missing_from_the_file_is_refused(tmp_path):
+    pack = _saved_pack(tmp_path / "pack")
+
+    def drop_v_proj(tensors):
+        for key in [k for k in tensors if ".layers.1.self_attn.v_proj." in k]:
+            del tensors[key]
+
+    _rewrite(pack, drop_v_proj)
+    with pytest.raises(PackFormatError, match=r"adapts .*layers\.1\.self_attn\.v_proj.*no tensors"):
+        PeftModel.from_pretrained(tiny_llama(), pack)
+
+
+def test_an_untouched_pack_still_loads_to_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), GraftConfig(target_modules=["q_proj", "embed_tokens"], init_weights=False))
+    model.save_pretrained(tmp_path / "pack")
+    expected = _logits(model.eval())
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "pack").eval()
+    assert torch.allclose(_logits(loaded), expected, atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("field", "pattern"),
+    [
+        ("target_modules", "(.*.*)*x"),  # 27 s against 16 characters of a module name, doubling per character
+        ("target_modules", "(a+)+$"),
+        ("exclude_modules", "(.*a){20}"),
+        ("rank_pattern", "(x|x)*y"),
+        ("target_modules", ".*.*.*.*.*z"),
+        ("target_modules", r"(q)\1"),
+        ("modules_to_save", "(?=a)b"),
+    ],
+)
+def test_a_backtracking_module_pattern_in_a_pack_config_is_refused_at_once(tmp_path, field, pattern):
+    import json
+
+    pack = _saved_pack(tmp_path / "pack")
+    config = json.loads((pack / "adapter_config.json").read_text())
+    config[field] = {pattern: 4} if field == "rank_pattern" else [pattern] if field == "modules_to_save" else pattern
+    (pack / "adapter_config.json").write_text(json.dumps(config))
+    # before the check, PEFT's matching of these against the model's module names ran for minutes or longer
+    with pytest.raises(GraftConfigError, match=r"not allowed|exponential|repetitions"):
+        PeftModel.from_pretrained(tiny_llama(), pack)
+
+
+def test_real_module_patterns_are_accepted():
+    for pattern in (r".*\.layers\.\d+\.(q_proj|v_proj)", "model.layers.0.mlp.down_proj", r"^lm_head$", r"\d{1,2}"):
+        GraftConfig(target_modules=pattern, rank_pattern={pattern: 8})
