@@ -252,10 +252,15 @@ def _table(rows, ratios, extrapolation) -> str:
 
 
 def _plot(rows: list[dict], suffix: str) -> None:
+    """Peak RSS against the full model's size: memory does not depend on depth, so a run cut to fewer layers stands
+    for its whole shape."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    def params(row: dict) -> float:
+        return SHAPES[row["size"]].parameters() / 1e9
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     series = {
@@ -264,14 +269,17 @@ def _plot(rows: list[dict], suffix: str) -> None:
         "mergekit-extract-lora": "mergekit",
     }
     for label, mode in series.items():
-        points = sorted((r["params"], r["peak_rss"]) for r in rows if r["mode"].startswith(mode))
+        points = sorted((params(r), r["peak_rss"] / 2**30) for r in rows if r["mode"].startswith(mode))
         if points:
-            axis.plot([p / 1e9 for p, _ in points], [m / 2**30 for _, m in points], "o-", label=label)
-    sizes = sorted({r["params"] for r in rows})
-    axis.plot([p / 1e9 for p in sizes], [2 * p / 2**30 for p in sizes], "k--", label="one bf16 checkpoint")
+            axis.plot(*zip(*points, strict=True), "o-", label=label)
+    sizes = sorted({params(r) for r in rows})
+    axis.plot(sizes, [2 * size * 1e9 / 2**30 for size in sizes], "k--", label="one bf16 checkpoint")
+    for size in sorted({r["size"] for r in rows}, key=lambda name: SHAPES[name].parameters()):
+        axis.annotate(size, (SHAPES[size].parameters() / 1e9, 0.5), ha="center", fontsize=8)
     axis.set_xscale("log")
     axis.set_yscale("log")
-    axis.set_xlabel("parameters in the extracted pair (billions; deep shapes cut to fewer layers)")
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the size labels say it; minor ticks collide
+    axis.set_xlabel("model size (billions of parameters, Llama shapes)")
     axis.set_ylabel("peak RSS (GiB)")
     axis.set_title(f"extraction memory vs model size (synthetic Llama, budget 1/{round(1 / BUDGET)})")
     axis.legend()
