@@ -101,3 +101,17 @@ def test_at_least_as_good_as_gptqmodel(bits, group_size):
     assert ours_default <= theirs(desc_act=False), gptqmodel.__version__  # their default: group-aware act-order
     ours_plain = output_error(weight, gptq_quantize(weight, hessian, bits, group_size).dequantized, hessian)
     assert ours_plain <= 1.01 * theirs(desc_act=False, act_group_aware=False)  # the same algorithm, fp16 scales
+
+
+def test_wide_hessians_are_inverted_in_float32_to_the_same_quality(monkeypatch):
+    """Past FLOAT64_INVERSION_COLUMNS (8192: an 8B model's down_proj is 14336 wide) the inversion runs in float32 to
+    halve its memory; here the threshold is lowered so that a small problem takes that path."""
+    from peft_graft.compress import gptq
+
+    weight, _, hessian = _problem(64, 96)
+    reference = gptq_quantize(weight, hessian, 3, group_size=32, act_order=True)
+    monkeypatch.setattr(gptq, "FLOAT64_INVERSION_COLUMNS", 64)
+    wide = gptq_quantize(weight, hessian, 3, group_size=32, act_order=True)
+    assert (wide.codes == reference.codes).float().mean() > 0.99
+    error = output_error(weight, wide.dequantized, hessian)
+    assert error <= 1.01 * output_error(weight, reference.dequantized, hessian)

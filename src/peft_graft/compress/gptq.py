@@ -23,6 +23,9 @@ import torch
 
 from .quantize import fit_grid, num_groups, quantize_to_grid
 
+# Hessians up to this width are inverted in float64, wider ones in float32 (see _inverse_cholesky_upper).
+FLOAT64_INVERSION_COLUMNS = 8192
+
 
 @dataclass(frozen=True)
 class GPTQResult:
@@ -72,16 +75,14 @@ def gptq_quantize(
     bits_tensor = bits_tensor.clamp(max=8)  # 16-bit entries get a dummy grid; their values pass through unrounded
     exact_rows = exact if grid == "row" else None
     w = weight.detach().float().clone()
-    h = hessian.detach().to(device, torch.float32).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    diagonal = torch.diagonal(hessian).to(device, torch.float32)
+    dead = diagonal == 0
+    diagonal = diagonal.masked_fill(dead, 1.0)
     w[:, dead] = 0.0
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=device)
+    order = torch.argsort(diagonal, descending=True) if act_order else torch.arange(cols, device=device)
     inverse_order = torch.argsort(order)
-    w, h = w[:, order], h[order][:, order]
-    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
-    hinv = _inverse_cholesky_upper(h)
-    del h
+    w = w[:, order]
+    hinv = _inverse_cholesky_upper(hessian, order, dead, damp)
 
     codes = torch.zeros(rows, cols, device=device)
     if grid == "row":
@@ -145,23 +146,34 @@ def output_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: tor
     return float(torch.sqrt(numerator.clamp(min=0) / denominator.clamp(min=1e-300)))
 
 
-def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ (in float64, returned as float32), adding more damping if H is not positive
-    definite. Each float64 intermediate is freed as soon as the next exists: for a 14336-wide Hessian (an 8B model's
-    down_proj) that keeps the peak at two float64 copies, 3.3 GB, instead of four."""
+def _inverse_cholesky_upper(
+    hessian: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, damp: float
+) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ (float32), for H permuted by `order`, its dead columns set to 1 on the diagonal and
+    damped by `damp` × its mean diagonal; more damping is added if H is not positive definite.
+
+    Inverted in float64 up to ``FLOAT64_INVERSION_COLUMNS`` columns; beyond, in float32, as GPTQ's reference
+    implementation does throughout: the damping keeps H well conditioned, and float64 would hold two 1.6 GB copies of
+    a 14336-wide Hessian (an 8B model's down_proj) on top of everything else a calibrated layer holds. The caller's
+    Hessian is copied whole once, and each intermediate is freed as soon as the next exists.
+    """
+    h = hessian.detach().to(order.device, torch.float32).index_select(0, order).index_select(1, order)
+    h.diagonal()[dead[order]] = 1.0
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     bump = 1e-6 * float(torch.mean(torch.diag(h)).clamp(min=1e-12))
-    h64 = h.double()
+    if h.shape[0] <= FLOAT64_INVERSION_COLUMNS:
+        h = h.double()
     for _ in range(8):
-        lower, info = torch.linalg.cholesky_ex(h64)
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            del h64
+            del h
             inverse = torch.cholesky_inverse(lower)
             del lower
             upper = torch.linalg.cholesky(inverse, upper=True)
             del inverse
             return upper.float()
         del lower
-        h64.diagonal().add_(bump)
+        h.diagonal().add_(bump)
         bump *= 10
     raise ValueError("the Hessian is not positive definite even after extra damping")
 

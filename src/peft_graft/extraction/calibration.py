@@ -59,6 +59,10 @@ def extract_calibrated(
     _buffers_to(model, device)
     batches = _tokenized_batches(base_folder, deltas.finetuned, texts, options.calibration_length, options.batch_size)
     calls = _first_layer_calls(model, layers[0], batches, device)
+    # From here the walk needs only the decoder layers: the embedding alone is 2 GB in float32 at 8B.
+    for name, parameter in list(model.named_parameters(remove_duplicate=False)):
+        if not name.startswith(f"{layers_name}.") and parameter.device.type != "meta":
+            _set(model, name, torch.empty_like(parameter, device="meta"))
     masks = [mask.to(device) for _, mask in batches]
 
     layer_units = [(position, unit) for position, unit in enumerate(units) if unit[0].layer_index is not None]
@@ -95,6 +99,7 @@ def extract_calibrated(
                 hidden = staging.read_input(position, batch).to(device, torch.float32)
                 call_args, call_kwargs = _with_hidden(args, kwargs, hidden)
                 layer(*call_args, **call_kwargs)
+        release(layer)  # not needed while its modules compress (GPTQ's peak): _set_compressed_layer reloads it
         reports += _unit(compressor, staging, position, unit, collector.hessians)
         del collector
         _set_compressed_layer(layer, prefix, unit, deltas, staging, position, device)
