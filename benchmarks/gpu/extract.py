@@ -46,14 +46,14 @@ def main() -> None:
     for name, device, calibration in (
         (f"data-free on {args.device}", args.device, None),
         (f"calibrated on {args.device}", args.device, texts),
-        ("data-free on cpu", "cpu", None),
+        ("data-free on cpu (reference)", "cpu", None),
     ):
         output = args.work / name.replace(" ", "-")
         runs[name] = _extract(base, tuned, output, device, calibration, args.budget)
         print(f"{name:<28} {runs[name]['seconds']:7.1f} s  peak device memory "
               f"{runs[name]['peak_device_bytes'] / 2**30:.2f} GiB  peak RSS {runs[name]['peak_rss'] / 2**30:.2f} GiB",
               flush=True)  # fmt: skip
-    agreement = _agreement(args.work / f"data-free-on-{args.device}", args.work / "data-free-on-cpu")
+    agreement = _agreement(args.work / f"data-free-on-{args.device}", args.work / "data-free-on-cpu-(reference)")
     print(json.dumps(agreement, indent=1))
 
     payload = {"machine": machine(), "shape": args.shape, "layers": args.layers, "budget": args.budget,
@@ -64,7 +64,7 @@ def main() -> None:
     table = f"_{info['date']}, device {info['device']}, torch {info['torch']}_\n\n"
     table += f"{args.shape}-shaped synthetic pair, {args.layers} decoder layers, budget {args.budget:g}\n\n"
     table += markdown_table(
-        ["run", "wall (s)", "s / layer", "peak device memory (GiB)", "peak RSS (GiB)"],
+        ["run", "wall (s)", "s / layer", "peak device memory (GiB)", "process peak RSS so far (GiB)"],
         [[name, f"{r['seconds']:.1f}", f"{r['seconds_per_layer']:.2f}", f"{r['peak_device_bytes'] / 2**30:.2f}",
           f"{r['peak_rss'] / 2**30:.2f}"] for name, r in runs.items()],
     )  # fmt: skip
