@@ -2,6 +2,7 @@
 Llama-3.1-8B shapes, data-free and calibrated, against ``mergekit-extract-lora`` on the same pairs at the same bytes.
 
     python benchmarks/scale.py [--quick] [--work DIR] [--sizes 135M,360M,1.5B,8B]
+                               [--modes data-free,calibrated,mergekit] [--update]
 
 The pairs (benchmarks/synthetic.py: realistic low-rank-plus-noise deltas) are written once into ``--work`` and kept
 (an 8B-shaped pair of 8 layers is 11 GB; ``--clean`` removes them at the end). Every extraction runs in its own
@@ -36,6 +37,7 @@ QUICK = {"135M": (4, 2)}
 LLAMA_70B = Shape(8192, 28672, 80, 64, 8, 128256, False)
 CALIBRATION_SAMPLES, CALIBRATION_TOKENS = 128, 256
 STAGES = ("startup", "setup", "planning", "compression", "writing")
+MODES = ("data-free", "calibrated", "mergekit")
 
 
 def main() -> None:
@@ -43,8 +45,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 4-layer 135M-shaped pair only (about 2 minutes)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "peft-graft" / "scale")
     parser.add_argument("--sizes", default=",".join(DEPTHS), help="comma-separated, from " + ", ".join(SHAPES))
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from " + ", ".join(MODES))
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only the rows measured now in the committed results, keep the others (a partial re-run)",
+    )
     parser.add_argument("--clean", action="store_true", help="delete the synthetic pairs at the end")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
     depths = QUICK if args.quick else {size: DEPTHS[size] for size in args.sizes.split(",")}
@@ -56,9 +67,14 @@ def main() -> None:
     for size, (free_layers, calibrated_layers) in depths.items():
         shape = SHAPES[size]
         for mode, layers in (("data-free", free_layers), ("calibrated", calibrated_layers)):
+            if mode not in modes and not (mode == "data-free" and "mergekit" in modes):
+                continue
             base, tuned = _pair(args.work, size, shape, layers)
             output = args.work / "out" / f"{size}-{mode}"
             shutil.rmtree(output, ignore_errors=True)
+            if mode not in modes:
+                _mergekit_row(rows, args.work, size, shape, layers, base, tuned, mergekit)
+                continue
             command = [cli, "extract", "--base", base, "--finetuned", tuned, "--budget", str(BUDGET)]
             command += ["--output", output, "--no-progress"]
             if mode == "calibrated":
@@ -68,34 +84,17 @@ def main() -> None:
             report = json.loads((output / "graft_report.json").read_text())
             rows.append(_row(size, shape, layers, mode, seconds, peak, report))
             print(_line(rows[-1]), flush=True)
-            if mode == "data-free" and size in MERGEKIT_SIZES and not args.quick:
-                rank = _mergekit_rank(shape, layers, BUDGET)
-                target = args.work / "out" / f"{size}-mergekit"
-                shutil.rmtree(target, ignore_errors=True)
-                seconds, peak = run_measured(
-                    [
-                        mergekit,
-                        "--model",
-                        tuned,
-                        "--base-model",
-                        base,
-                        "--out-path",
-                        target,
-                        "--max-rank",
-                        str(rank),
-                        "--embed-lora",
-                        "--quiet",
-                    ]
-                )
-                rows.append(_row(size, shape, layers, f"mergekit-extract-lora (rank {rank})", seconds, peak, None))
-                print(_line(rows[-1]), flush=True)
+            if mode == "data-free" and "mergekit" in modes and size in MERGEKIT_SIZES and not args.quick:
+                _mergekit_row(rows, args.work, size, shape, layers, base, tuned, mergekit)
             shutil.rmtree(output, ignore_errors=True)
     shutil.rmtree(args.work / "out", ignore_errors=True)
 
+    suffix = "-quick" if args.quick else ""
+    if args.update:
+        rows = _merged(rows, RESULTS / f"scale{suffix}.json")
     ratios = _mergekit_ratios(rows)
     extrapolation = _extrapolate(rows)
     table = _table(rows, ratios, extrapolation)
-    suffix = "-quick" if args.quick else ""
     write_results(
         "scale",
         {"budget": BUDGET, "rows": rows, "mergekit_ratios": ratios, "extrapolation": extrapolation,
@@ -108,6 +107,30 @@ def main() -> None:
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.clean:
         shutil.rmtree(args.work, ignore_errors=True)
+
+
+def _mergekit_row(rows: list[dict], work: Path, size: str, shape: Shape, layers, base, tuned, mergekit: str) -> None:
+    """mergekit-extract-lora on the same pair, at the rank whose bf16 factors fill the same bytes."""
+    rank = _mergekit_rank(shape, layers, BUDGET)
+    target = work / "out" / f"{size}-mergekit"
+    shutil.rmtree(target, ignore_errors=True)
+    command = [mergekit, "--model", tuned, "--base-model", base, "--out-path", target, "--max-rank", str(rank)]
+    seconds, peak = run_measured([*command, "--embed-lora", "--quiet"])
+    rows.append(_row(size, shape, layers, f"mergekit-extract-lora (rank {rank})", seconds, peak, None))
+    print(_line(rows[-1]), flush=True)
+
+
+def _kind(row: dict) -> tuple[str, str]:
+    return row["size"], next(mode for mode in MODES if row["mode"].startswith(mode))
+
+
+def _merged(rows: list[dict], committed: Path) -> list[dict]:
+    """The committed rows with those measured now replaced, ordered by model size then mode."""
+    fresh = {_kind(row) for row in rows}
+    kept = [row for row in json.loads(committed.read_text())["rows"] if _kind(row) not in fresh]
+    order = {size: index for index, size in enumerate(SHAPES)}
+    modes = ("data-free", "mergekit", "calibrated")  # each mergekit row beside the data-free one it is compared to
+    return sorted(kept + rows, key=lambda row: (order[row["size"]], modes.index(_kind(row)[1])))
 
 
 def _pair(work: Path, size: str, shape: Shape, layers: int | None) -> tuple[Path, Path]:
@@ -152,6 +175,7 @@ def _row(size, shape: Shape, layers, mode, seconds, peak, report) -> dict:
         "mode": mode,
         "seconds": seconds,
         "peak_rss": peak,
+        "measured": time.strftime("%Y-%m-%d"),
     }
     if report is not None:
         stages = report.get("stage_seconds", {})

@@ -197,6 +197,11 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path):
     with pytest.raises(NonFiniteDeltaError, match=r"model.norm.weight holds NaN or Inf"):
         extract_skillpack(base_dir, broken, output, progress=False)
     _assert_nothing_written(output)
+    key = "model.layers.0.mlp.down_proj.weight"
+    infinite = _edited_copy(tuned_dir, tmp_path / "infinite", lambda t: t[key].__setitem__((2, 5), float("-inf")))
+    with pytest.raises(NonFiniteDeltaError, match=rf"{key} holds NaN or Inf"):
+        extract_skillpack(base_dir, infinite, output, budget=1 / 8, progress=False)
+    _assert_nothing_written(output)
 
     with pytest.raises(CheckpointMismatchError, match="is a Conv1D; the 'embed' role"):
         extract_skillpack(*save_pair(tmp_path / "gpt2", "gpt2"), output, GraftConfig(module_roles={"c_fc": "embed"}))

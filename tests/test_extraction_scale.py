@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -37,6 +38,40 @@ def test_calibrated_extraction_holds_at_most_one_decoder_layer(tmp_path, monkeyp
     assert report.calibrated and all(m.output_error is not None for m in report.modules if m.form == "lowrank")
 
 
+def test_projections_fed_the_same_input_share_one_hessian():
+    from peft_graft.extraction.calibration import _HessianCollector
+
+    from fine_tunes import build
+
+    layer = build("llama", num_hidden_layers=1).model.layers[0]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj"]
+    names += ["mlp.up_proj", "mlp.down_proj"]
+    modules = {name: layer.get_submodule(name) for name in names}
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [
+        module.register_forward_hook(
+            lambda m, args, out, name=name: inputs[name].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for name, module in modules.items()
+    ]
+    collector = _HessianCollector(modules)
+    hidden = torch.randn(2, 3, 5, 128, generator=torch.Generator().manual_seed(0))
+    position = torch.arange(5)[None]
+    rotary = build("llama", num_hidden_layers=1).model.rotary_emb
+    with torch.no_grad(), collector:
+        for batch in hidden:  # two batches: the shared Hessians accumulate once each
+            layer(batch, position_embeddings=rotary(batch, position), attention_mask=None)
+    for handle in handles:
+        handle.remove()
+    hessians = collector.hessians
+    assert hessians["self_attn.q_proj"] is hessians["self_attn.k_proj"] is hessians["self_attn.v_proj"]
+    assert hessians["mlp.gate_proj"] is hessians["mlp.up_proj"]
+    assert len({id(h) for h in hessians.values()}) == 4  # qkv, o, gate/up, down
+    for name in names:
+        x = torch.cat(inputs[name])
+        assert torch.allclose(hessians[name], x.T @ x, rtol=1e-4, atol=1e-4), name
+
+
 def test_device_option_runs_the_device_code_path_with_the_same_result(tmp_path):
     base_dir, tuned_dir = save_pair(tmp_path, "gpt2")
     default = extract_skillpack(base_dir, tuned_dir, tmp_path / "default", budget=1 / 8, progress=False)
@@ -55,6 +90,42 @@ def test_device_option_runs_the_device_code_path_with_the_same_result(tmp_path):
         with pytest.raises(GraftConfigError, match="CUDA is not available"):
             extract_skillpack(base_dir, tuned_dir, tmp_path / "cuda", device="cuda", progress=False)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "cuda").exists()
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_several_devices_share_the_modules_and_give_the_same_pack(tmp_path, monkeypatch, calibrated):
+    from peft_graft.extraction.compressor import Compressor
+
+    base_dir, tuned_dir = save_pair(tmp_path, "llama", model_overrides={"num_hidden_layers": 2})
+    texts = ["The quick brown fox jumps over the lazy dog."] * 4 if calibrated else None
+    settings = {"budget": 1 / 8, "calibration": texts, "batch_size": 2, "progress": False}
+    one = extract_skillpack(base_dir, tuned_dir, tmp_path / "one", **settings)
+    threads, compress = set(), Compressor.compress
+
+    def recording(self, spec, hessian=None):
+        threads.add(threading.current_thread().name)
+        return compress(self, spec, hessian)
+
+    monkeypatch.setattr(Compressor, "compress", recording)
+    two = extract_skillpack(base_dir, tuned_dir, tmp_path / "two", devices="cpu, cpu", **settings)
+    assert len({name for name in threads if name.startswith("peft-graft-device")}) == 2  # both devices worked
+    assert (tmp_path / "two" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "one" / "adapter_model.safetensors"
+    ).read_bytes()
+    assert two.settings["devices"] == ["cpu", "cpu"] and "devices" not in one.settings
+    assert two.modules == one.modules
+
+
+def test_devices_are_checked_before_anything_is_written(tmp_path):
+    base_dir, tuned_dir = save_pair(tmp_path, "gpt2")
+    with pytest.raises(GraftConfigError, match="at least one device"):
+        extract_skillpack(base_dir, tuned_dir, tmp_path / "empty", devices="cpu,", progress=False)
+    with pytest.raises(GraftConfigError, match="device must be"):
+        extract_skillpack(base_dir, tuned_dir, tmp_path / "bad", devices="cpu,tpu:1", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(GraftConfigError, match="CUDA is not available"):
+            extract_skillpack(base_dir, tuned_dir, tmp_path / "cuda", devices="cuda:0,cuda:1", progress=False)
+    assert not any((tmp_path / name).exists() for name in ("empty", "bad", "cuda"))
 
 
 EXTRACT_AND_REPORT_PEAK = """

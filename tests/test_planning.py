@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peft_graft.compress import svd as svd_module
-from peft_graft.compress.svd import factorize
+from peft_graft.compress.svd import factorize, spectrum
 from peft_graft.extraction import budget as budget_module
 from peft_graft.extraction.budget import LowRankCandidate, SparseCandidate, plan_budget
 from peft_graft.pack.cost import dense_bytes, direction_bytes
@@ -35,6 +35,70 @@ def test_fixed_rank_uses_the_randomized_svd_on_large_matrices_and_matches_the_fu
 def test_an_unconverged_randomized_svd_falls_back_to_the_full_one(monkeypatch):
     monkeypatch.setattr(svd_module, "_CONVERGENCE", -1.0)  # no randomized run can pass
     assert factorize(_with_spectrum(1100, 1024, torch.ones(32)), rank=8).method == "full"
+
+
+def test_a_partial_spectrum_matches_the_leading_part_of_the_exact_one():
+    generator = torch.Generator().manual_seed(3)
+    low_rank = _with_spectrum(700, 300, 1 / (1 + torch.arange(48.0) / 4))
+    delta = low_rank + 2e-3 * torch.randn(700, 300, generator=generator)  # decaying, then a flat noise floor
+    exact = spectrum(delta)
+    for matrix in (delta, delta.T):  # tall and wide: the vectors are always the short side's
+        partial = spectrum(matrix, top=32)
+        assert exact.complete and not partial.complete
+        assert partial.values.numel() == 32 and partial.vectors.shape == (300, 32)
+        assert torch.allclose(partial.values, exact.values[:32], rtol=1e-5)
+        alignment = (partial.vectors.T @ exact.vectors[:, :32]).diagonal().abs()
+        assert alignment.min() > 1 - 1e-6
+    assert torch.equal(spectrum(delta, top=32).values, spectrum(delta, top=32).values)  # one fixed sketch
+    assert spectrum(delta, top=120).complete  # a sketch over half the short side: exact instead
+    # the long side from a partial spectrum: the same factorization as from the exact one
+    from_partial = factorize(delta, rank=20, known=spectrum(delta, top=32))
+    from_exact = factorize(delta, rank=20, known=exact)
+    assert from_partial.method == "full" and from_partial.rank == 20
+    assert torch.allclose(
+        (from_partial.u * from_partial.s) @ from_partial.v.T, (from_exact.u * from_exact.s) @ from_exact.v.T, atol=1e-5
+    )
+    # a partial spectrum too short for the rank (or the energy) wanted is not used
+    assert factorize(delta, rank=40, known=spectrum(delta, top=32)).rank == 40
+    assert factorize(delta, energy=0.9999, known=spectrum(delta, top=8)).energy >= 0.9999
+
+
+def test_planning_extends_partial_spectra_until_every_plan_ends_inside_its_own(tmp_path, monkeypatch):
+    from peft_graft import extract_skillpack
+    from peft_graft.extraction import plan as plan_module
+
+    from fine_tunes import build, plant_delta
+    from tiny_models import tiny_tokenizer
+
+    shape = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1}
+    build("llama", **shape).save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    tuned = build("llama", **shape)
+    plant_delta(tuned, rank=40, noise=1e-6)  # ranks well past the first sketch, on a spectrum that decays
+    tuned.save_pretrained(tmp_path / "tuned")
+
+    asked: list[int | None] = []
+
+    def recording(delta, top=None, seed=0):
+        asked.append(top)
+        return spectrum(delta, top, seed)
+
+    monkeypatch.setattr(plan_module, "spectrum", recording)
+    monkeypatch.setattr(plan_module, "FIRST_DIRECTIONS", 8)
+    extended = extract_skillpack(
+        tmp_path / "base", tmp_path / "tuned", tmp_path / "extended", budget=1 / 12, progress=False
+    )
+    assert {8, 16}.issubset(asked)  # first sketches, then wider ones where plans reached their end
+    monkeypatch.setattr(plan_module, "FIRST_DIRECTIONS", 10_000)  # every spectrum exact
+    exact = extract_skillpack(tmp_path / "base", tmp_path / "tuned", tmp_path / "exact", budget=1 / 12, progress=False)
+    plans = [
+        {m.name: (m.form, m.rank, m.bands) for m in report.modules if m.form in ("lowrank", "dense")}
+        for report in (extended, exact)
+    ]
+    assert plans[0] == plans[1]
+    assert max(rank for _, rank, _ in plans[0].values() if rank) > 16  # the plan did go past two extensions
+    # the embeddings' few changed rows bought nothing at this budget: pruning to no entries leaves them out
+    assert not any(m.role == "embed" for m in extended.modules)
 
 
 def test_energy_mode_keeps_the_smallest_rank_reaching_the_energy():

@@ -25,6 +25,8 @@ from .quantize import fit_grid, num_groups, quantize_to_grid
 
 # Hessians up to this width are inverted in float64, wider ones in float32 (see _inverse_cholesky_upper).
 FLOAT64_INVERSION_COLUMNS = 8192
+# Entries per block of rows in output_error.
+_BLOCK_ENTRIES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -139,11 +141,16 @@ def gptq_quantize(
 
 
 def output_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> float:
-    """Relative output-space error ``‖(W − Ŵ)X‖ / ‖WX‖`` computed from ``H = XᵀX``."""
-    difference = (weight - approximation).double()
-    numerator = torch.einsum("ij,jk,ik->", difference, hessian.double(), difference)
-    denominator = torch.einsum("ij,jk,ik->", weight.double(), hessian.double(), weight.double())
-    return float(torch.sqrt(numerator.clamp(min=0) / denominator.clamp(min=1e-300)))
+    """Relative output-space error ``‖(W − Ŵ)X‖ / ‖WX‖`` computed from ``H = XᵀX``, in blocks of rows (float32
+    products, float64 sums), so nothing of the Hessian's or the weight's size is copied."""
+    numerator = denominator = 0.0
+    step = max(1, _BLOCK_ENTRIES // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], step):
+        rows = weight[start : start + step].float()
+        difference = rows - approximation[start : start + step].float()
+        numerator += float(((difference @ hessian) * difference).sum(dtype=torch.float64))
+        denominator += float(((rows @ hessian) * rows).sum(dtype=torch.float64))
+    return math.sqrt(max(numerator, 0.0) / max(denominator, 1e-300))
 
 
 def _inverse_cholesky_upper(
@@ -155,25 +162,29 @@ def _inverse_cholesky_upper(
     Inverted in float64 up to ``FLOAT64_INVERSION_COLUMNS`` columns; beyond, in float32, as GPTQ's reference
     implementation does throughout: the damping keeps H well conditioned, and float64 would hold two 1.6 GB copies of
     a 14336-wide Hessian (an 8B model's down_proj) on top of everything else a calibrated layer holds. The caller's
-    Hessian is copied whole once, and each intermediate is freed as soon as the next exists.
+    Hessian is copied once (permuted), and factored, inverted and factored again in that copy.
     """
-    h = hessian.detach().to(order.device, torch.float32).index_select(0, order).index_select(1, order)
-    h.diagonal()[dead[order]] = 1.0
-    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
-    bump = 1e-6 * float(torch.mean(torch.diag(h)).clamp(min=1e-12))
-    if h.shape[0] <= FLOAT64_INVERSION_COLUMNS:
-        h = h.double()
+    dtype = torch.float64 if hessian.shape[0] <= FLOAT64_INVERSION_COLUMNS else torch.float32
+    extra, bump = 0.0, None
+    info = torch.empty((), dtype=torch.int32, device=order.device)
     for _ in range(8):
-        lower, info = torch.linalg.cholesky_ex(h)
+        h = hessian.detach().to(order.device, torch.float32)[order[:, None], order]
+        h.diagonal()[dead[order]] = 1.0
+        h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+        if bump is None:
+            bump = 1e-6 * float(torch.mean(torch.diag(h)).clamp(min=1e-12))
+        h = h.to(dtype)
+        h.diagonal().add_(extra)
+        # In place, on the transposed view: LAPACK works on column-major matrices, and h is symmetric, so its .mT is
+        # the same matrix already in that layout; torch copies whatever is not (a second n×n buffer).
+        column_major = h.mT
+        torch.linalg.cholesky_ex(column_major, out=(column_major, info))
         if int(info) == 0:
-            del h
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper = torch.linalg.cholesky(inverse, upper=True)
-            del inverse
-            return upper.float()
-        del lower
-        h.diagonal().add_(bump)
+            torch.cholesky_inverse(column_major, out=column_major)
+            torch.linalg.cholesky(column_major, upper=True, out=column_major)
+            return column_major.float()
+        del h
+        extra += bump
         bump *= 10
     raise ValueError("the Hessian is not positive definite even after extra damping")
 

@@ -25,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..pack.codec import decode_module
-from .compressor import Compressor
+from .compressor import compress_unit
+from .devices import DevicePool
 from .options import ExtractionOptions
 from .report import ModuleReport
 from .roles import ModuleSpec, decoder_layers
@@ -33,7 +34,7 @@ from .staging import Staging
 
 
 def extract_calibrated(
-    compressor: Compressor,
+    compressors: DevicePool,
     units: list[list[ModuleSpec]],
     staging: Staging,
     base_folder: str,
@@ -42,12 +43,13 @@ def extract_calibrated(
     device: torch.device,
     progress: bool,
 ) -> list[ModuleReport]:
-    """Compress every unit, the decoder layers with GPTQ on their own calibration inputs; returns the reports."""
-    deltas = compressor.deltas
+    """Compress every unit, the decoder layers with GPTQ on their own calibration inputs (a layer's modules spread
+    over the pool's devices; the walk runs on `device`, the first); returns the reports."""
+    deltas = compressors.primary.deltas
     reports: list[ModuleReport] = []
     for position, unit in enumerate(units):  # embeddings, final norm, lm_head: data-free
         if unit[0].layer_index is None:
-            reports += _unit(compressor, staging, position, unit, {})
+            reports += compress_unit(compressors, staging, position, unit, {})
 
     model = skeleton(base_folder)
     layers_name, layers = decoder_layers(model)
@@ -100,7 +102,7 @@ def extract_calibrated(
                 call_args, call_kwargs = _with_hidden(args, kwargs, hidden)
                 layer(*call_args, **call_kwargs)
         release(layer)  # not needed while its modules compress (GPTQ's peak): _set_compressed_layer reloads it
-        reports += _unit(compressor, staging, position, unit, collector.hessians)
+        reports += compress_unit(compressors, staging, position, unit, collector.hessians)
         del collector
         _set_compressed_layer(layer, prefix, unit, deltas, staging, position, device)
         following = layer_units[step + 1][0] if step + 1 < len(layer_units) else None
@@ -174,27 +176,6 @@ def _buffers_to(model: nn.Module, device: torch.device) -> None:
                 module._buffers[name] = buffer.to(device, dtype)
 
 
-def _unit(
-    compressor: Compressor,
-    staging: Staging,
-    position: int,
-    unit: list[ModuleSpec],
-    hessians: dict[str, torch.Tensor],
-) -> list[ModuleReport]:
-    """Compress one unit (or take it from the work folder, when a resumed run finished it) and store it."""
-    done = staging.finished(position)
-    if done is not None:
-        return done
-    items = {}
-    for spec in unit:
-        item = compressor.compress(spec, hessians.pop(spec.name, None))
-        if item is not None:
-            items[spec.name] = item
-    reports = [item.report for item in items.values()]
-    staging.write_unit(position, {name: item.tensors for name, item in items.items()}, reports)
-    return reports
-
-
 def _compressed_delta(spec: ModuleSpec, tensors: dict[str, torch.Tensor], shape, device) -> tuple:
     """A module's weight delta (in its stored layout) and bias delta, decoded from its staged pack tensors."""
     if not tensors:
@@ -253,13 +234,20 @@ def _set_outside_parameter(model, name, deltas, staging: Staging, units, device)
 
 
 class _HessianCollector:
-    """Forward hooks accumulating ``H = XᵀX`` of each module's inputs over the non-padding tokens."""
+    """Forward hooks accumulating ``H = XᵀX`` of each module's inputs over the non-padding tokens.
+
+    Modules fed the very same input tensor (q/k/v, gate/up in Llama) share one Hessian: the hook that fires right
+    after another on the same tensor is recorded as its alias in the first batch and skipped from then on. Each
+    Hessian grows in place (``addmm_``), so accumulating never holds a second one.
+    """
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
         self.hessians: dict[str, torch.Tensor] = {}
         self.mask: torch.Tensor | None = None
         self._handles = []
+        self._aliases: dict[str, str] = {}
+        self._previous: tuple[torch.Tensor, str] | None = None
 
     def __enter__(self) -> _HessianCollector:
         self._handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
@@ -268,13 +256,24 @@ class _HessianCollector:
     def __exit__(self, *exc_info) -> None:
         for handle in self._handles:
             handle.remove()
+        self._previous = None
+        for name, source in self._aliases.items():
+            self.hessians[name] = self.hessians[source]
 
     def _hook(self, name: str):
         def hook(module, args, output):
+            previous, self._previous = self._previous, (args[0], name)
+            if name in self._aliases:
+                return
+            if name not in self.hessians and previous is not None and previous[0] is args[0]:
+                self._aliases[name] = self._aliases.get(previous[1], previous[1])
+                return
             x = args[0].detach().float()
             x = x[self.mask] if self.mask is not None and x.dim() == 3 else x.reshape(-1, x.shape[-1])
-            contribution = x.T @ x
-            self.hessians[name] = self.hessians[name] + contribution if name in self.hessians else contribution
+            if name in self.hessians:
+                self.hessians[name].addmm_(x.T, x)
+            else:
+                self.hessians[name] = x.T @ x
 
         return hook
 

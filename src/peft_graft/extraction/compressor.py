@@ -12,7 +12,7 @@ from ..compress import MagnitudeHistogram, band_slices
 from ..compress.factors import quantize_factors
 from ..compress.gptq import output_error
 from ..compress.lowrank import BandSlice
-from ..compress.svd import Spectrum, factorize
+from ..compress.svd import Spectrum, factorize, squared_norm
 from ..config import GraftConfig
 from ..errors import CheckpointMismatchError
 from ..pack import layout
@@ -20,8 +20,10 @@ from ..pack.codec import decode_lowrank, encode_factors, sparse_tensors, tensors
 from ..pack.cost import dense_bytes, direction_bytes, lowrank_overhead_bytes
 from .budget import BudgetPlan
 from .delta import DeltaReader
+from .devices import DevicePool
 from .report import ModuleReport
 from .roles import ModuleSpec
+from .staging import Staging
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Compressor:
     def compress(self, spec: ModuleSpec, hessian: torch.Tensor | None = None) -> Compressed | None:
         if spec.role == "skip":
             return None
+        if hessian is not None:
+            hessian = hessian.to(self.deltas.device)  # collected on the layer walk's device
         bias_delta = self.deltas.delta(spec.bias) if spec.bias is not None else None
         if bias_delta is not None and not bias_delta.any():
             bias_delta = None
@@ -119,8 +123,11 @@ class Compressor:
             histogram.add(delta[: max(0, head_rows - start)].reshape(-1).pow(2))
         if total == 0.0:
             return None
-        cut_bin, above = histogram.cut(keep)
-        cut_value, at_cut = _cut_within(self.deltas, spec.weight, head_rows, histogram, cut_bin, keep - above)
+        if keep > 0:
+            cut_bin, above = histogram.cut(keep)
+            cut_value, at_cut = _cut_within(self.deltas, spec.weight, head_rows, histogram, cut_bin, keep - above)
+        else:  # the plan buys none of this module's entries (rows a fine-tune added are kept all the same)
+            cut_bin, cut_value, at_cut = -1, math.inf, 0
 
         index_dtype = torch.int32 if rows * cols < 2**31 else torch.int64
         kept_indices, kept_values, block = [], [], []
@@ -222,6 +229,25 @@ class Compressor:
         return Compressed(tensors, report)
 
 
+def compress_unit(
+    compressors: DevicePool,
+    staging: Staging,
+    position: int,
+    unit: list[ModuleSpec],
+    hessians: dict[str, torch.Tensor],
+) -> list[ModuleReport]:
+    """Compress one unit, its modules spread over the pool's devices, and store it in the work folder; or take it from
+    there, when a resumed run finished it already. Each Hessian is dropped once its module is done."""
+    done = staging.finished(position)
+    if done is not None:
+        return done
+    items = compressors.map(lambda compressor, spec: compressor.compress(spec, hessians.pop(spec.name, None)), unit)
+    kept = {spec.name: item for spec, item in zip(unit, items, strict=True) if item is not None}
+    reports = [item.report for item in kept.values()]
+    staging.write_unit(position, {name: item.tensors for name, item in kept.items()}, reports)
+    return reports
+
+
 def bit_runs(bits: Sequence[int]) -> list[BandSlice]:
     """Contiguous runs of equal bit widths as band slices."""
     slices, start = [], 0
@@ -233,8 +259,8 @@ def bit_runs(bits: Sequence[int]) -> list[BandSlice]:
 
 
 def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    norm = float(reference.double().norm())
-    return float((reference.double() - approximation.double()).norm()) / norm if norm else 0.0
+    norm = squared_norm(reference)
+    return math.sqrt(squared_norm(reference, approximation) / norm) if norm else 0.0
 
 
 def _cut_within(deltas: DeltaReader, key: str, head_rows: int, histogram, cut_bin: int, wanted: int):

@@ -40,7 +40,8 @@ class DeltaReader:
         if base.shape != tuned.shape:
             base = torch.cat([base, base.new_zeros(tuned.shape[0] - base.shape[0], *tuned.shape[1:])])
         delta = tuned - base
-        if not bool(torch.isfinite(delta).all()):
+        low, high = torch.aminmax(delta) if delta.numel() else (delta.new_zeros(()), delta.new_zeros(()))
+        if not (math.isfinite(float(low)) and math.isfinite(float(high))):  # NaN propagates: one pass, no mask
             raise NonFiniteDeltaError(
                 f"the delta of {key} holds NaN or Inf; check the fine-tune's weights",
                 source=self.finetuned.source,

@@ -26,14 +26,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import GraftConfig
-from ..errors import CheckpointMismatchError, GraftConfigError, GraftError, MissingTensorError
+from ..errors import CheckpointMismatchError, GraftError, MissingTensorError
 from ..pack import layout
 from ..pack.folder import write_pack
 from ..pack.provenance import base_parameters, fingerprint_checkpoint
 from .calibration import extract_calibrated, load_texts
 from .checkpoint import CheckpointReader
-from .compressor import Compressor
+from .compressor import Compressor, compress_unit
 from .delta import DeltaReader
+from .devices import DevicePool, resolve_devices
 from .options import ExtractionOptions
 from .plan import cached_spectrum, plan_extraction
 from .report import ExtractionReport, ModuleReport, peak_rss_bytes
@@ -66,7 +67,8 @@ def extract_skillpack(
     """
     started = time.perf_counter()
     options = ExtractionOptions.from_keywords(options, option_keywords)
-    device = resolve_device(options.device)
+    devices = resolve_devices(options.device, options.devices)
+    device = devices[0]
     config = config if config is not None else GraftConfig()
     output_dir = Path(output_dir)
     if output_dir.exists() and not options.overwrite:
@@ -78,6 +80,7 @@ def extract_skillpack(
         finetuned, revision=options.finetuned_revision, token=options.token, allow_pickle=options.allow_pickle
     )
     deltas = DeltaReader(base_reader, finetuned_reader, device)
+    device_deltas = [deltas] + [DeltaReader(base_reader, finetuned_reader, other) for other in devices[1:]]
     architecture = meta_model(str(base_reader.folder))
     specs, tied_head = _validated_specs(architecture, base_reader, finetuned_reader, config)
     grown_rows = _grown_rows(specs, base_reader, finetuned_reader)
@@ -93,7 +96,7 @@ def extract_skillpack(
     )
 
     run = _Run(
-        staging, specs, deltas, config, options, device, texts, budget_bytes, grown_rows, tied_head,
+        staging, specs, device_deltas, config, options, device, texts, budget_bytes, grown_rows, tied_head,
         architecture, fp16_delta_bytes, output_dir, started, str(base), str(finetuned),
     )  # fmt: skip
     try:
@@ -117,7 +120,7 @@ class _Run:
 
     staging: Staging
     specs: list[ModuleSpec]
-    deltas: DeltaReader
+    device_deltas: list[DeltaReader]  # one per device, the first device's first
     config: GraftConfig
     options: ExtractionOptions
     device: torch.device
@@ -135,33 +138,41 @@ class _Run:
 
 def _extract(run: _Run) -> ExtractionReport:
     """Plan (budget mode), compress unit by unit into the work folder, then assemble the pack."""
-    staging, options, config, deltas = run.staging, run.options, run.config, run.deltas
-    base_reader, finetuned_reader = deltas.base, deltas.finetuned
+    staging, options, config = run.staging, run.options, run.config
+    base_reader, finetuned_reader = run.device_deltas[0].base, run.device_deltas[0].finetuned
     stages = {"setup": time.perf_counter() - run.started}
     plan = staging.plan()
     if run.budget_bytes is not None and plan is None:
-        plan = plan_extraction(run.specs, deltas, config, run.budget_bytes, run.grown_rows, staging, options.progress)
+        plan = plan_extraction(
+            run.specs, DevicePool(run.device_deltas), config, run.budget_bytes, run.grown_rows, staging,
+            options.progress,
+        )  # fmt: skip
         staging.save_plan(plan)
     stages["planning"] = time.perf_counter() - run.started - sum(stages.values())
 
     spectra = (lambda name: cached_spectrum(staging, name)) if plan is not None else None
-    compressor = Compressor(deltas, config, plan, run.grown_rows, options.act_order, options.damp, spectra)
+    compressors = DevicePool(
+        [
+            Compressor(deltas, config, plan, run.grown_rows, options.act_order, options.damp, spectra)
+            for deltas in run.device_deltas
+        ]
+    )
     units = _units(run.specs)
     if run.texts:
         reports = extract_calibrated(
-            compressor, units, staging, str(base_reader.folder), run.texts, options, run.device, options.progress
+            compressors, units, staging, str(base_reader.folder), run.texts, options, run.device, options.progress
         )
     else:
-        reports = []
-        for position, unit in enumerate(tqdm(units, desc="extracting", unit="unit", disable=not options.progress)):
-            done = staging.finished(position)
-            if done is None:
-                items = {spec.name: compressor.compress(spec) for spec in unit}
-                items = {name: item for name, item in items.items() if item is not None}
-                done = [item.report for item in items.values()]
-                staging.write_unit(position, {name: item.tensors for name, item in items.items()}, done)
-                del items
-            reports += done
+        bar = tqdm(total=len(units), desc="extracting", unit="unit", disable=not options.progress)
+
+        def unit_reports(compressor: Compressor, position: int) -> list[ModuleReport]:
+            # a whole unit on one device: with several, layers compress side by side
+            done = compress_unit(DevicePool([compressor]), staging, position, units[position], {})
+            bar.update()
+            return done
+
+        with bar:
+            reports = [report for done in compressors.map(unit_reports, range(len(units))) for report in done]
     if not reports:
         raise CheckpointMismatchError("the fine-tune is identical to the base: there is no delta to pack")
     stages["compression"] = time.perf_counter() - run.started - sum(stages.values())
@@ -193,6 +204,7 @@ def _extract(run: _Run) -> ExtractionReport:
             "precision_bands": [list(band) for band in config.precision_bands],
             "group_size": config.group_size,
             "device": str(run.device),
+            **({"devices": [str(deltas.device) for deltas in run.device_deltas]} if len(run.device_deltas) > 1 else {}),
         },
     )
     layers = len({spec.layer_index for spec in run.specs if spec.layer_index is not None})
@@ -218,26 +230,6 @@ def _extract(run: _Run) -> ExtractionReport:
         max_bytes=run.budget_bytes,
     )
     return report
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:N``, ``mps``, or ``auto`` (CUDA if available, else MPS, else the CPU)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as error:
-        raise GraftConfigError(
-            f"device must be cpu, cuda, cuda:N, mps or auto; got {name!r} ({error})", field="device"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GraftConfigError(f"device {name!r} asked for, but CUDA is not available here", field="device")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise GraftConfigError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices", field="device")
-    return device
 
 
 def _units(specs: list[ModuleSpec]) -> list[list[ModuleSpec]]:

@@ -31,6 +31,14 @@ class ExtractionOptions:
             "cuda:N, mps, or auto (CUDA if available, else MPS, else the CPU)."
         },
     )
+    devices: str | None = field(
+        default=None,
+        metadata={
+            "help": "Several devices of one type, comma-separated (cuda:0,cuda:1,...), instead of device: independent "
+            "modules (data-free, and planning) or the modules of one layer (calibrated) run on them side by side; the "
+            "calibrated layer walk runs on the first. The pack is the same as on one of them."
+        },
+    )
     resume: bool = field(
         default=False,
         metadata={
