@@ -37,11 +37,13 @@ def test_an_unconverged_randomized_svd_falls_back_to_the_full_one(monkeypatch):
     assert factorize(_with_spectrum(1100, 1024, torch.ones(32)), rank=8).method == "full"
 
 
-def test_a_partial_spectrum_matches_the_leading_part_of_the_exact_one():
+def test_a_partial_spectrum_matches_the_leading_part_of_the_exact_one(monkeypatch):
     generator = torch.Generator().manual_seed(3)
     low_rank = _with_spectrum(700, 300, 1 / (1 + torch.arange(48.0) / 4))
     delta = low_rank + 2e-3 * torch.randn(700, 300, generator=generator)  # decaying, then a flat noise floor
     exact = spectrum(delta)
+    assert spectrum(delta, top=32).complete  # below PARTIAL_MIN_SIDE the exact one costs the same: it is kept
+    monkeypatch.setattr(svd_module, "PARTIAL_MIN_SIDE", 256)
     for matrix in (delta, delta.T):  # tall and wide: the vectors are always the short side's
         partial = spectrum(matrix, top=32)
         assert exact.complete and not partial.complete
@@ -85,6 +87,7 @@ def test_planning_extends_partial_spectra_until_every_plan_ends_inside_its_own(t
 
     monkeypatch.setattr(plan_module, "spectrum", recording)
     monkeypatch.setattr(plan_module, "FIRST_DIRECTIONS", 8)
+    monkeypatch.setattr(svd_module, "PARTIAL_MIN_SIDE", 64)  # partial spectra at these small shapes too
     extended = extract_skillpack(
         tmp_path / "base", tmp_path / "tuned", tmp_path / "extended", budget=1 / 12, progress=False
     )
