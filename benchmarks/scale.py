@@ -80,6 +80,7 @@ def main() -> None:
             if mode == "calibrated":
                 command += ["--calibration", calibration, "--calibration-samples", str(CALIBRATION_SAMPLES)]
                 command += ["--calibration-length", str(CALIBRATION_TOKENS)]
+            _warm(base, tuned)
             seconds, peak = run_measured(command)
             report = json.loads((output / "graft_report.json").read_text())
             rows.append(_row(size, shape, layers, mode, seconds, peak, report))
@@ -115,9 +116,20 @@ def _mergekit_row(rows: list[dict], work: Path, size: str, shape: Shape, layers,
     target = work / "out" / f"{size}-mergekit"
     shutil.rmtree(target, ignore_errors=True)
     command = [mergekit, "--model", tuned, "--base-model", base, "--out-path", target, "--max-rank", str(rank)]
+    _warm(base, tuned)
     seconds, peak = run_measured([*command, "--embed-lora", "--quiet"])
     rows.append(_row(size, shape, layers, f"mergekit-extract-lora (rank {rank})", seconds, peak, None))
     print(_line(rows[-1]), flush=True)
+
+
+def _warm(*folders: Path) -> None:
+    """Read both checkpoints once before a measured run, so that every extractor starts from the page cache (the
+    first to read a pair from disk would otherwise pay for both)."""
+    for folder in folders:
+        for file in sorted(Path(folder).glob("*.safetensors")):
+            with open(file, "rb") as handle:
+                while handle.read(1 << 24):
+                    pass
 
 
 def _kind(row: dict) -> tuple[str, str]:

@@ -209,6 +209,20 @@ def test_damaged_download_is_caught_by_the_safetensors_check(tmp_path, hub):
         pull_pack(repo, local_dir=tmp_path / "pulled-again", force_download=True)
 
 
+def test_flipped_bytes_in_a_download_are_caught_by_the_hash(tmp_path, hub):
+    repo = _repo("flipped")
+    push_pack(_pack(tmp_path / "pack"), repo)
+
+    def flip(data: bytes) -> bytes:
+        return data[:-5] + bytes([data[-5] ^ 0x10]) + data[-4:]  # tensor data; a valid safetensors file still
+
+    hub.tamper[(repo, "adapter_model.safetensors")] = flip
+    with pytest.raises(PackFormatError, match=r"does not match the SHA-256.*download it again"):
+        PeftModel.from_pretrained(tiny_llama(), repo)
+    with pytest.raises(PackFormatError, match="does not match the SHA-256"):
+        pull_pack(repo, local_dir=tmp_path / "pulled", force_download=True)
+
+
 def test_pickle_only_packs_are_refused(tmp_path, hub):
     folder = _pack(tmp_path / "pack")
     tensors = __import__("safetensors.torch", fromlist=["load_file"]).load_file(folder / "adapter_model.safetensors")

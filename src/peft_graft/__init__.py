@@ -62,6 +62,7 @@ _LAZY = {
     "push_pack": "hub",
     "pull_pack": "hub",
     "allow_base_mismatch": "pack.provenance",
+    "allow_unverified_weights": "pack.folder",
     # operations on packs
     "export_lora": "ops",
     "merge_packs": "ops",
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
     from .layer import GraftEmbedding, GraftLayer, GraftLinear, GraftNorm
     from .model import GraftModel, grow_vocabulary
     from .ops import export_lora, merge_packs
+    from .pack.folder import allow_unverified_weights
     from .pack.provenance import allow_base_mismatch
     from .routing import BaseModelEmbedder, GraftRouter, ManualRouter, PackSource, RoutedGraftModel, RouterConfig
 
@@ -128,6 +130,7 @@ __all__ = [
     "UnsafePackError",
     "__version__",
     "allow_base_mismatch",
+    "allow_unverified_weights",
     "export_lora",
     "extract_skillpack",
     "grow_vocabulary",

@@ -1,18 +1,22 @@
 """GraftConfig: the PEFT config of a SkillPack, i.e. which modules carry a delta and how it is compressed.
 
 It also owns the schema of a pack's adapter config file: the format version, the storage bit widths, the module
-roles and the base-fingerprint format. This module imports nothing else of peft-graft but its errors.
+roles, the base-fingerprint format and the weights' content hash. It imports nothing else of peft-graft but its errors
+and utils.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType
 from peft.utils.other import get_pattern_key
 
 from .errors import GraftConfigError
+from .utils.digest import SHA256_PATTERN, file_sha256
 from .utils.patterns import check_pattern
 
 FORMAT_VERSION = 1
@@ -137,6 +141,14 @@ class GraftConfig(PeftConfig):
             "values; see peft_graft.pack.provenance). Filled in by extraction and save_pretrained; checked on attach."
         },
     )
+    weights_sha256: str | None = field(
+        default=None,
+        metadata={
+            "help": "SHA-256 of the pack's adapter_model.safetensors, recorded by save_pretrained and checked before "
+            "the weights are loaded (a mismatch is a PackFormatError; peft_graft.allow_unverified_weights() skips "
+            "the check). None for a config saved without weights, or a pack from before peft-graft recorded it."
+        },
+    )
     pack_info: dict = field(
         default_factory=dict,
         metadata={
@@ -189,6 +201,12 @@ class GraftConfig(PeftConfig):
                 f"got {self.base_model_fingerprint!r}",
                 field="base_model_fingerprint",
             )
+        if self.weights_sha256 is not None and not (
+            isinstance(self.weights_sha256, str) and SHA256_PATTERN.fullmatch(self.weights_sha256)
+        ):
+            raise GraftConfigError(
+                f"weights_sha256 must be 64 lowercase hex digits, got {self.weights_sha256!r}", field="weights_sha256"
+            )
         if not isinstance(self.pack_info, dict):
             raise GraftConfigError(f"pack_info must be a dict, got {type(self.pack_info).__name__}", field="pack_info")
         _check_positive_int("format_version", self.format_version)
@@ -224,6 +242,13 @@ class GraftConfig(PeftConfig):
             value = getattr(self, name, None)
             for pattern in [value] if isinstance(value, str) else value or []:
                 check_pattern(pattern, name)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json``, recording the SHA-256 of the weight file already saved beside it (PEFT and
+        extraction both write the weights first)."""
+        weights = Path(save_directory) / SAFETENSORS_WEIGHTS_NAME
+        self.weights_sha256 = file_sha256(weights) if weights.is_file() else None
+        super().save_pretrained(save_directory, **kwargs)
 
     def to_dict(self) -> dict:
         # Sets are written in sorted order so that saving the same pack twice gives the same config file.

@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import HubError
+from .errors import HubError, PackFormatError
 from .pack import layout
 from .pack.card import pack_card
-from .pack.folder import PackFolder, check_pack_weights, pickle_refusal
+from .pack.folder import PackFolder, check_pack_weights, pickle_refusal, validate_pack_config, verify_weights
+from .utils.jsonio import read_json
 
 _DOWNLOAD_KEYS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "subfolder")
 
@@ -49,7 +50,20 @@ def pack_weights_file(model_id: str | os.PathLike, **download: Any) -> Path:
     if local.is_dir():
         return PackFolder(local).weights_file
     weights = Path(_download_weights(str(model_id), subfolder, download))
-    check_pack_weights(weights, f"{model_id} (downloaded to {weights})")
+    where = f"{model_id} (downloaded to {weights})"
+    check_pack_weights(weights, where)
+    from huggingface_hub import hf_hub_download
+
+    with hub_errors("download the pack", str(model_id), download.get("revision")):
+        config_file = Path(hf_hub_download(str(model_id), layout.ADAPTER_CONFIG, subfolder=subfolder, **download))
+    try:
+        config = read_json(config_file)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise PackFormatError(
+            f"{where}: {layout.ADAPTER_CONFIG} is not valid JSON ({error})", path=config_file
+        ) from None
+    validate_pack_config(config, where)
+    verify_weights(config.get("weights_sha256"), weights, where)
     return weights
 
 

@@ -220,14 +220,14 @@ class GraftModel(BaseTuner):
         try:
             decoded = unpack_state_dict(model, adapter_name, state_dict, PackingPolicy.from_config(config))
         except PackFormatError:
-            _withdraw(model, adapter_name)  # the pack is refused: leave the model as it was before loading it
+            withdraw_adapter(model, adapter_name)  # the pack is refused: leave the model as it was before loading it
             raise
         return super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=decoded
         )
 
 
-def _withdraw(model: nn.Module, adapter_name: str) -> None:
+def withdraw_adapter(model: nn.Module, adapter_name: str) -> None:
     """Take an adapter's injected GRAFT layers out again: a wrapper that holds only this adapter gives its base
     layer back to its parent; one that holds others forgets this one."""
     for name, layer in list(graft_layers(model)):

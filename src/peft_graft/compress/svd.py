@@ -10,8 +10,9 @@ the delta's device; the float64 math stays float64 there.
 A spectrum can also be partial: only its `top` leading directions, from a randomized range finder (float32 power
 iterations on a fixed Gaussian sketch drawn on the CPU, so every device starts from the same one; then the exact
 SVD of the sketched matrix in float64). That costs O(m·n·top) instead of O(m·n·min(m, n)), 10-25x less at Llama-8B
-shapes (and about the same below a 2048 short side, where the exact one is kept); the leading values agree with the exact ones to ~1e-6 where the spectrum decays, and to a few percent where
-it is flat noise. Budget planning asks for more where its plan reaches the end of a partial spectrum.
+shapes (and about the same below a 512 short side, where the exact one is kept); the leading values agree with the
+exact ones to ~1e-6 where the spectrum decays, and to a few percent where it is flat noise. Budget planning asks for
+more where its plan reaches the end of a partial spectrum.
 A randomized SVD (the range finder below) is cheaper still when the rank is far below ``min(shape)``. Its result is
 checked before it is used: a second run with twice the power iterations must not capture noticeably more energy
 (else it had not converged to the top singular subspace), otherwise the full SVD is computed.
@@ -33,10 +34,10 @@ _CONVERGENCE = 1e-3
 # Columns (or rows) of the long side converted to float64 at a time.
 _BLOCK = 2048
 # Partial spectra are computed where the short side is at least this long: below, the exact one costs about the same
-# (measured on 2 CPU cores: 0.15 s either way for a 2560x960 delta; 35-60 s exact vs 0.4-2.5 s partial at 4096 and
-# 14336x4096, top 64).
-PARTIAL_MIN_SIDE = 2048
-# A partial spectrum of `top` directions sketches top + max(10, top/2) of them, with _POWER_ITERATIONS power
+# (measured on 2 CPU cores, top 96: 960x960 53 ms partial vs 172 ms exact, 2560x960 90 vs 188 ms, 320x960 35 vs 15 ms;
+# at 4096 and 14336x4096, top 64: 0.4-2.5 s vs 35-60 s).
+PARTIAL_MIN_SIDE = 512
+# A partial spectrum of `top` directions sketches top + max(10, top/4) of them, with _POWER_ITERATIONS power
 # iterations; it is computed exactly instead when the sketch would cover more than half the short side.
 
 
@@ -85,7 +86,7 @@ def spectrum(delta: torch.Tensor, top: int | None = None, seed: int = 0) -> Spec
 
 
 def _sketch_width(top: int, short_side: int) -> int:
-    return min(short_side, top + max(10, top // 2))
+    return min(short_side, top + max(10, top // 4))
 
 
 def _partial_spectrum(delta: torch.Tensor, top: int, seed: int, iterations: int = _POWER_ITERATIONS) -> Spectrum:

@@ -47,6 +47,13 @@ PATCHES = (
         "packs would load without the safetensors-only check, and a damaged download would fail unclearly",
     ),
     Patch(
+        "peft.PeftModel.load_adapter",
+        "peft",
+        ">=0.21,<0.22",
+        peft_patches.withdraw_refused_packs,
+        "a pack refused while its weights are read (e.g. a hash mismatch) would leave empty GRAFT layers in the model",
+    ),
+    Patch(
         "peft.PeftModel.save_pretrained / push_to_hub",
         "peft",
         ">=0.21,<0.22",

@@ -101,6 +101,35 @@ def load_packs_from_safetensors_only() -> None:
     peft_model.load_peft_weights = load_peft_weights
 
 
+def withdraw_refused_packs() -> None:
+    """``PeftModel.load_adapter`` leaves the model as it was when a GRAFT pack is refused while its weights are read.
+
+    PEFT injects an adapter's layers before it reads the weights (``from_pretrained`` even before ``load_adapter``),
+    so a pack refused by the weight file's checks (its content hash, its safetensors header) would leave empty GRAFT
+    layers in the user's base model; they are taken out again, as they are for a pack refused while decoding.
+    """
+    from peft import PeftModel
+
+    original = PeftModel.load_adapter
+    if getattr(original, "_peft_graft_wrapped", False):
+        return
+
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        from peft_graft.errors import GraftError
+        from peft_graft.model import withdraw_adapter
+
+        try:
+            return original(self, model_id, adapter_name, *args, **kwargs)
+        except GraftError:
+            config = self.peft_config.get(adapter_name)
+            if config is not None and config.peft_type == _NAME:
+                withdraw_adapter(self.base_model.model, adapter_name)
+            raise
+
+    load_adapter._peft_graft_wrapped = True
+    PeftModel.load_adapter = load_adapter
+
+
 def write_pack_cards_on_save() -> None:
     """``save_pretrained`` writes the SkillPack model card next to each GRAFT adapter; ``push_to_hub`` uploads it.
 

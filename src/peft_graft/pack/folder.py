@@ -8,9 +8,12 @@ module, without reading tensor data) and the extraction report.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,12 +22,52 @@ import torch
 
 from ..errors import BudgetError, CheckpointError, GraftConfigError, PackFormatError, UnsafePackError
 from ..utils.atomic import write_folder
+from ..utils.digest import file_sha256
 from ..utils.jsonio import read_json
 from ..utils.safetensors_io import TensorEntry, copy_files, read_safetensors_header, write_safetensors
 from . import layout
 
 if TYPE_CHECKING:
     from ..config import GraftConfig
+
+logger = logging.getLogger(__name__)
+
+ALLOW_UNVERIFIED_ENV = "PEFT_GRAFT_ALLOW_UNVERIFIED"
+_ALLOW_UNVERIFIED: ContextVar[bool] = ContextVar("peft_graft_allow_unverified", default=False)
+
+
+@contextmanager
+def allow_unverified_weights() -> Iterator[None]:
+    """Load packs and routers whose weight file does not match the SHA-256 their config recorded, with a warning
+    instead of a PackFormatError: for weights you changed on purpose. ``PEFT_GRAFT_ALLOW_UNVERIFIED=1`` does the same
+    process-wide."""
+    token = _ALLOW_UNVERIFIED.set(True)
+    try:
+        yield
+    finally:
+        _ALLOW_UNVERIFIED.reset(token)
+
+
+def verify_weights(recorded: object, file: Path, where: str, saver: str = "save_pretrained") -> None:
+    """Check a weight file against the SHA-256 its config recorded when it was saved (catches flipped bytes that a
+    valid safetensors header does not show). A file saved before hashes were recorded loads with a warning."""
+    if recorded is None:
+        logger.warning("%s carries no content hash of its weights (saved by an older peft-graft); loading it "
+                       "unverified. Save it again with %s to record one.", where, saver)  # fmt: skip
+        return
+    actual = file_sha256(file)
+    if actual == recorded:
+        return
+    message = (
+        f"{where}: {file.name} does not match the SHA-256 recorded when it was saved ({actual[:16]}... instead of "
+        f"{str(recorded)[:16]}...): it was changed or damaged since. If it was downloaded, download it again "
+        "(force_download=True); if you changed it on purpose, save it again with " + saver + ", or load it "
+        f"unverified within peft_graft.allow_unverified_weights() (or {ALLOW_UNVERIFIED_ENV}=1)."
+    )
+    if _ALLOW_UNVERIFIED.get() or os.environ.get(ALLOW_UNVERIFIED_ENV, "").lower() in ("1", "true", "yes"):
+        logger.warning("%s Loading it anyway, as allowed.", message)
+        return
+    raise PackFormatError(message, path=file)
 
 
 def validate_pack_config(config: Any, where: str) -> None:
@@ -90,6 +133,7 @@ class PackFolder:
         self.header: dict[str, TensorEntry] = {}
         if self.weights_file.is_file():
             self.header = check_pack_weights(self.weights_file, str(self.path))
+            verify_weights(self.config.get("weights_sha256"), self.weights_file, str(self.path))
         elif require_weights:
             pickled = [name for name in layout.PICKLE_WEIGHTS if (self.path / name).exists()]
             if pickled:

@@ -16,6 +16,7 @@ from typing import Any
 
 from .._mixed_batch import BASE_ADAPTER
 from ..errors import RoutingError, UnsafePackError
+from ..utils.digest import SHA256_PATTERN
 
 ROUTER_CONFIG = "router_config.json"
 ROUTER_WEIGHTS = "router.safetensors"
@@ -105,6 +106,7 @@ class RouterConfig:
     manual: dict[str, str] | None = None
     base_model_name_or_path: str | None = None
     base_model_fingerprint: str | None = None
+    weights_sha256: str | None = None  # of router.safetensors, recorded by save_router, checked before loading it
     format_version: int = ROUTER_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -139,6 +141,10 @@ class RouterConfig:
                     raise RoutingError(
                         f"{ROUTER_CONFIG}: router.{key} must be an integer in [1, {_MAX_ROUTER_WIDTH}], got {value!r}"
                     )
+        if self.weights_sha256 is not None and not (
+            isinstance(self.weights_sha256, str) and SHA256_PATTERN.fullmatch(self.weights_sha256)
+        ):
+            raise RoutingError(f"{ROUTER_CONFIG}: weights_sha256 must be 64 lowercase hex digits")
         manual = self.manual
         if manual is not None and not (
             isinstance(manual, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in manual.items())

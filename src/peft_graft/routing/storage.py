@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 from ..errors import RoutingError
 from ..hub import hub_errors, upload_files
 from ..pack.card import router_card, write_card
-from ..pack.folder import PackFolder
+from ..pack.folder import PackFolder, verify_weights
 from ..pack.layout import CARD_FILE, PACK_FILES
+from ..utils.digest import file_sha256
 from .config import ROUTER_CONFIG, ROUTER_WEIGHTS, RouterConfig, inside
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def save_router(routed: RoutedGraftModel, directory: str | os.PathLike) -> None:
         config = routed.router_config(packs)
         if routed.router is not None:
             save_file({k: v.contiguous() for k, v in routed.router.state_dict().items()}, staging / ROUTER_WEIGHTS)
+            config.weights_sha256 = file_sha256(staging / ROUTER_WEIGHTS)
         (staging / ROUTER_CONFIG).write_text(config.to_json(), encoding="utf-8")
         write_card(router_card(asdict(config), repo_id=directory.resolve().name), staging)
         for name in copied:
@@ -110,6 +112,7 @@ def load_router(
         routed.embedder.max_length = int(spec["max_length"])
     if config.router is not None:
         router = GraftRouter(**config.router)
+        verify_weights(config.weights_sha256, folder / ROUTER_WEIGHTS, str(folder), saver="save_router")
         router.load_state_dict(load_file(folder / ROUTER_WEIGHTS))
         routed.router = router.eval()
     return routed
