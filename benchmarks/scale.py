@@ -51,6 +51,7 @@ def main() -> None:
         action="store_true",
         help="replace only the rows measured now in the committed results, keep the others (a partial re-run)",
     )
+    parser.add_argument("--render", action="store_true", help="only redraw the table and plot from the results JSON")
     parser.add_argument("--clean", action="store_true", help="delete the synthetic pairs at the end")
     args = parser.parse_args()
     modes = args.modes.split(",")
@@ -59,6 +60,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
     depths = QUICK if args.quick else {size: DEPTHS[size] for size in args.sizes.split(",")}
+    if args.render:
+        depths, args.update = {}, True  # no run: the committed rows, drawn again
     cli = str(Path(sys.executable).with_name("peft-graft"))
     mergekit = str(Path(sys.executable).with_name("mergekit-extract-lora"))
     calibration = _calibration_file(args.work)
@@ -230,13 +233,15 @@ def _mergekit_ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
     return ratios
 
 
-def _layer_cost(shape: Shape) -> float:
-    """A decoder layer's work in the planner's terms: per matrix (m ≥ n) a Gram product m·n² and an eigh n³."""
+def _layer_cost(shape: Shape, mode: str) -> float:
+    """A decoder layer's work in the extractor's terms, per matrix (m ≥ n): data-free, m·n (every entry is read
+    and multiplied by a sketch of fixed width); calibrated, m·n² + n³ (Hessians, their inversion and GPTQ's column
+    sweep)."""
     cost = 0.0
     for name, tensor_shape in shape.tensors(1):
         if len(tensor_shape) == 2 and ".layers." in name:
             m, n = max(tensor_shape), min(tensor_shape)
-            cost += m * n * n + n**3
+            cost += m * n if mode == "data-free" else m * n * n + n**3
     return cost
 
 
@@ -248,12 +253,13 @@ def _extrapolate(rows: list[dict]) -> dict[str, dict[str, float]]:
         if not measured:
             continue
         per_layer = measured[0]["seconds_per_layer"]
-        scale_70b = _layer_cost(LLAMA_70B) / _layer_cost(SHAPES["8B"])
+        scale_70b = _layer_cost(LLAMA_70B, mode) / _layer_cost(SHAPES["8B"], mode)
         out[mode] = {
             "seconds_per_layer_8b": per_layer,
             "hours_8b": per_layer * SHAPES["8B"].layers / 3600,
             "seconds_per_layer_70b_estimate": per_layer * scale_70b,
             "hours_70b_estimate": per_layer * scale_70b * LLAMA_70B.layers / 3600,
+            "cost_model": "m·n per matrix" if mode == "data-free" else "m·n² + n³ per matrix",
         }
     return out
 
@@ -281,8 +287,8 @@ def _table(rows, ratios, extrapolation) -> str:
         text += (
             f"\n\n{mode}, extrapolated on this CPU from the 8B-shaped run: "
             f"8B (32 layers) {estimate['hours_8b']:.1f} h, "
-            f"70B (80 layers, {estimate['seconds_per_layer_70b_estimate']:.0f} s per layer by the Gram + eigh cost "
-            f"model) {estimate['hours_70b_estimate']:.1f} h"
+            f"70B (80 layers, {estimate['seconds_per_layer_70b_estimate']:.0f} s per layer by the "
+            f"{estimate['cost_model']} cost model) {estimate['hours_70b_estimate']:.1f} h"
         )
     return text
 
