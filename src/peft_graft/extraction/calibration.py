@@ -226,10 +226,15 @@ def _set_outside_parameter(model, name, deltas, staging: Staging, units, device)
         spec = unit[0]
         if spec.layer_index is None and name in (spec.weight, spec.bias):
             tensors = staging.unit_tensors(position).get(spec.name, {})
+            if name == spec.weight and "graft_indices" in tensors and not spec.transposed:
+                # a pruned embedding: its entries added in place, never a dense copy of its delta (2 GB at 8B)
+                decoded = decode_module({k: t.to(device) for k, t in tensors.items()}, tuple(rows)).tensors
+                value.view(-1).index_add_(0, decoded["graft_indices"].long(), decoded["graft_values"].to(value.dtype))
+                continue
             weight, bias = _compressed_delta(spec, tensors, deltas.finetuned.shape(spec.weight), device)
             delta = weight if name == spec.weight else bias
             if delta is not None:
-                value = value + delta.to(value.dtype)
+                value.add_(delta.to(value.dtype))
     _set(model, name, value)
 
 
