@@ -144,7 +144,7 @@ class GraftConfig(PeftConfig):
     weights_sha256: str | None = field(
         default=None,
         metadata={
-            "help": "SHA-256 of the pack's adapter_model.safetensors, recorded by save_pretrained and checked before "
+            "help": "SHA-256 of the pack's weight file, recorded by save_pretrained and checked before "
             "the weights are loaded (a mismatch is a PackFormatError; peft_graft.allow_unverified_weights() skips "
             "the check). None for a config saved without weights, or a pack from before peft-graft recorded it."
         },
@@ -244,7 +244,7 @@ class GraftConfig(PeftConfig):
                 check_pattern(pattern, name)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write ``adapter_config.json``, recording the SHA-256 of the weight file already saved beside it (PEFT and
+        """Write the config file, recording the SHA-256 of the weight file already saved beside it (PEFT and
         extraction both write the weights first)."""
         weights = Path(save_directory) / SAFETENSORS_WEIGHTS_NAME
         self.weights_sha256 = file_sha256(weights) if weights.is_file() else None
