@@ -9,7 +9,10 @@ The pairs (benchmarks/synthetic.py: realistic low-rank-plus-noise deltas) are wr
 process; peak RSS is that process's own (benchmarks/common.run_measured), time per stage comes from the pack's report.
 Calibrated runs use 128 texts of 256 tokens (SmolLM2's tokenizer, copied into the synthetic bases), budget 1/16.
 Deep shapes are cut to fewer layers where a full run would take hours on this CPU: memory does not depend on depth
-(tests/test_extraction_scale.py), and time per layer is reported and extrapolated.
+(tests/test_extraction_scale.py), and time per layer is reported and extrapolated. The data-free comparison with
+mergekit alternates the two for ``--rounds`` rounds and keeps the median run of each. Run it from the environment
+``make`` builds, whose packages are byte-compiled as pip's would be: without bytecode every process spends about
+6 s more compiling torch and transformers at import, which both extractors pay.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def main() -> None:
     )
     parser.add_argument("--render", action="store_true", help="only redraw the table and plot from the results JSON")
     parser.add_argument("--clean", action="store_true", help="delete the synthetic pairs at the end")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds of the peft-graft / mergekit comparison (medians)"
+    )
     args = parser.parse_args()
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
@@ -73,24 +79,29 @@ def main() -> None:
             if mode not in modes and not (mode == "data-free" and "mergekit" in modes):
                 continue
             base, tuned = _pair(args.work, size, shape, layers)
-            output = args.work / "out" / f"{size}-{mode}"
-            shutil.rmtree(output, ignore_errors=True)
-            if mode not in modes:
-                _mergekit_row(rows, args.work, size, shape, layers, base, tuned, mergekit)
-                continue
-            command = [cli, "extract", "--base", base, "--finetuned", tuned, "--budget", str(BUDGET)]
-            command += ["--output", output, "--no-progress"]
-            if mode == "calibrated":
-                command += ["--calibration", calibration, "--calibration-samples", str(CALIBRATION_SAMPLES)]
-                command += ["--calibration-length", str(CALIBRATION_TOKENS)]
-            _warm(base, tuned)
-            seconds, peak = run_measured(command)
-            report = json.loads((output / "graft_report.json").read_text())
-            rows.append(_row(size, shape, layers, mode, seconds, peak, report))
-            print(_line(rows[-1]), flush=True)
-            if mode == "data-free" and "mergekit" in modes and size in MERGEKIT_SIZES and not args.quick:
-                _mergekit_row(rows, args.work, size, shape, layers, base, tuned, mergekit)
-            shutil.rmtree(output, ignore_errors=True)
+            compare = (
+                mode == "data-free"
+                and "mergekit" in modes
+                and ((size in MERGEKIT_SIZES and not args.quick) or mode not in modes)
+            )
+            # the head-to-head comparison alternates the two extractors and keeps medians: this shared machine's
+            # speed drifts by tens of percent between minutes
+            rounds = args.rounds if compare and mode in modes and not args.quick else 1
+            graft_runs, mergekit_runs = [], []
+            for _ in range(rounds):
+                if mode in modes:
+                    graft_runs.append(_graft_run(args.work, size, mode, base, tuned, cli, calibration))
+                if compare:
+                    mergekit_runs.append(_mergekit_run(args.work, size, shape, layers, base, tuned, mergekit))
+            if graft_runs:
+                seconds, peak, report = _median(graft_runs)
+                rows.append(_row(size, shape, layers, mode, seconds, peak, report, len(graft_runs)))
+                print(_line(rows[-1]), flush=True)
+            if mergekit_runs:
+                seconds, peak, rank = _median(mergekit_runs)
+                label = f"mergekit-extract-lora (rank {rank})"
+                rows.append(_row(size, shape, layers, label, seconds, peak, None, len(mergekit_runs)))
+                print(_line(rows[-1]), flush=True)
     shutil.rmtree(args.work / "out", ignore_errors=True)
 
     suffix = "-quick" if args.quick else ""
@@ -113,7 +124,23 @@ def main() -> None:
         shutil.rmtree(args.work, ignore_errors=True)
 
 
-def _mergekit_row(rows: list[dict], work: Path, size: str, shape: Shape, layers, base, tuned, mergekit: str) -> None:
+def _graft_run(work: Path, size: str, mode: str, base, tuned, cli: str, calibration: Path) -> tuple[float, int, dict]:
+    """One ``peft-graft extract`` in its own process: wall seconds, peak RSS and the pack's report."""
+    output = work / "out" / f"{size}-{mode}"
+    shutil.rmtree(output, ignore_errors=True)
+    command = [cli, "extract", "--base", base, "--finetuned", tuned, "--budget", str(BUDGET)]
+    command += ["--output", output, "--no-progress"]
+    if mode == "calibrated":
+        command += ["--calibration", calibration, "--calibration-samples", str(CALIBRATION_SAMPLES)]
+        command += ["--calibration-length", str(CALIBRATION_TOKENS)]
+    _warm(base, tuned)
+    seconds, peak = run_measured(command)
+    report = json.loads((output / "graft_report.json").read_text())
+    shutil.rmtree(output, ignore_errors=True)
+    return seconds, peak, report
+
+
+def _mergekit_run(work: Path, size: str, shape: Shape, layers, base, tuned, mergekit: str) -> tuple[float, int, int]:
     """mergekit-extract-lora on the same pair, at the rank whose bf16 factors fill the same bytes."""
     rank = _mergekit_rank(shape, layers, BUDGET)
     target = work / "out" / f"{size}-mergekit"
@@ -121,8 +148,13 @@ def _mergekit_row(rows: list[dict], work: Path, size: str, shape: Shape, layers,
     command = [mergekit, "--model", tuned, "--base-model", base, "--out-path", target, "--max-rank", str(rank)]
     _warm(base, tuned)
     seconds, peak = run_measured([*command, "--embed-lora", "--quiet"])
-    rows.append(_row(size, shape, layers, f"mergekit-extract-lora (rank {rank})", seconds, peak, None))
-    print(_line(rows[-1]), flush=True)
+    shutil.rmtree(target, ignore_errors=True)
+    return seconds, peak, rank
+
+
+def _median(runs: list[tuple]) -> tuple:
+    """The run of median wall time (its peak RSS and report with it)."""
+    return sorted(runs, key=lambda run: run[0])[(len(runs) - 1) // 2]
 
 
 def _warm(*folders: Path) -> None:
@@ -179,9 +211,10 @@ def _calibration_file(work: Path) -> Path:
     return path
 
 
-def _row(size, shape: Shape, layers, mode, seconds, peak, report) -> dict:
+def _row(size, shape: Shape, layers, mode, seconds, peak, report, rounds: int = 1) -> dict:
     depth = layers or shape.layers
     row = {
+        "rounds": rounds,
         "size": size,
         "layers": depth,
         "of_layers": shape.layers,
@@ -270,7 +303,8 @@ def _table(rows, ratios, extrapolation) -> str:
         ["size", "layers", "bf16 checkpoint (GiB)", "extractor", "wall (s)", "peak RSS (MiB)", "s / layer",
          "stages (s): startup / setup / planning / compression / writing"],
         [
-            [r["size"], f"{r['layers']} of {r['of_layers']}", f"{r['checkpoint_bytes'] / 2**30:.2f}", r["mode"],
+            [r["size"], f"{r['layers']} of {r['of_layers']}", f"{r['checkpoint_bytes'] / 2**30:.2f}",
+             r["mode"] + (f", median of {r['rounds']}" if r.get("rounds", 1) > 1 else ""),
              f"{r['seconds']:.1f}", f"{r['peak_rss'] / 2**20:.0f}",
              f"{r['seconds_per_layer']:.2f}" if "seconds_per_layer" in r else "-",
              " / ".join(f"{r['stages'].get(k, 0):.1f}" for k in STAGES)

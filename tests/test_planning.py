@@ -48,11 +48,12 @@ def test_a_partial_spectrum_matches_the_leading_part_of_the_exact_one(monkeypatc
         partial = spectrum(matrix, top=32)
         assert exact.complete and not partial.complete
         assert partial.values.numel() == 32 and partial.vectors.shape == (300, 32)
-        # the leading values exactly; those near the end of the sketch, where this spectrum decays slowly, to 1 %
-        assert torch.allclose(partial.values[:16], exact.values[:16], rtol=1e-5)
-        assert torch.allclose(partial.values, exact.values[:32], rtol=1e-2)
+        # two power iterations: the leading values to 1e-3 (measured 1.2e-4); those near the end of the sketch, where
+        # this spectrum decays slowly, to 3 % (measured 2 %)
+        assert torch.allclose(partial.values[:16], exact.values[:16], rtol=1e-3)
+        assert torch.allclose(partial.values, exact.values[:32], rtol=3e-2)
         alignment = (partial.vectors.T @ exact.vectors[:, :32]).diagonal().abs()
-        assert alignment[:16].min() > 1 - 1e-6
+        assert alignment[:16].min() > 1 - 1e-3
     assert torch.equal(spectrum(delta, top=32).values, spectrum(delta, top=32).values)  # one fixed sketch
     assert spectrum(delta, top=150).complete  # a sketch over half the short side: exact instead
     # the long side from a partial spectrum: nearly the factorization from the exact one
@@ -61,7 +62,8 @@ def test_a_partial_spectrum_matches_the_leading_part_of_the_exact_one(monkeypatc
     assert from_partial.method == "full" and from_partial.rank == 20
     partial_product = (from_partial.u * from_partial.s) @ from_partial.v.T
     exact_product = (from_exact.u * from_exact.s) @ from_exact.v.T
-    assert torch.linalg.norm(partial_product - exact_product) < 1e-2 * torch.linalg.norm(exact_product)
+    # (σ₂₀ and σ₂₁ are close on this slow decay, so the subspace cut differs a little; the energy kept hardly does)
+    assert torch.linalg.norm(partial_product - exact_product) < 3e-2 * torch.linalg.norm(exact_product)
     assert from_partial.energy == pytest.approx(from_exact.energy, rel=1e-3)
     # a partial spectrum too short for the rank (or the energy) wanted is not used
     assert factorize(delta, rank=40, known=spectrum(delta, top=32)).rank == 40
