@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM := false
 # one) recompiles torch and transformers in memory, since PYTHONDONTWRITEBYTECODE may be set.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: test test-real test-lowest test-latest lock demo gemma bench bench-quick bench-scale lint format clean
+.PHONY: test test-real test-lowest test-latest lock demo gemma bench bench-quick bench-scale fuzz lint format clean
 
 # uv is the one package installed before uv exists: by pip, pinned and hash-checked from uv.lock.
 $(UV):
@@ -34,6 +34,14 @@ $(UV):
 test: $(UV)
 	$(call sync,$(EXTRAS))
 	$(BIN)/python -m pytest -m "not real"
+
+## make fuzz: 10,000 mutated packs, each loading identically or refused with a GraftError (about 20 min); counts in
+## benchmarks/results/fuzz.json
+FUZZ_CASES ?= 10000
+fuzz: $(UV)
+	$(call sync,$(EXTRAS))
+	PEFT_GRAFT_FUZZ_CASES=$(FUZZ_CASES) PEFT_GRAFT_FUZZ_REPORT=benchmarks/results/fuzz.json \
+		$(BIN)/python -m pytest -p no:cacheprovider -q tests/test_fuzz_packs.py
 
 ## make test-real: the real-model tests on SmolLM2-135M (fine-tunes a skill once, cached in ~/.cache/peft-graft)
 test-real: $(UV)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .transfer import TransferConfig
 
     parser = argparse.ArgumentParser(prog="peft-graft", description="GraftLLM SkillPacks for Hugging Face PEFT.")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     commands = parser.add_subparsers(dest="command", required=True)
 
     extract = commands.add_parser("extract", help="compress a fine-tune's delta against its base into a SkillPack")
@@ -162,9 +164,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         handler = handlers[args.command]
         return handler(args)
-    except (GraftError, FileExistsError, FileNotFoundError) as error:
-        print(f"peft-graft: error: {error}", file=sys.stderr)
+    except (GraftError, OSError) as error:
+        if args.debug:
+            raise
+        print(f"peft-graft: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("peft-graft: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as one line, with what to do where the OS refused a write (no space, read-only, no permission)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.ENOTDIR):
+        text += " (check that the output folder's disk is writable and has room; --debug shows where)"
+    return text
 
 
 def _extract(args: argparse.Namespace) -> int:

@@ -163,6 +163,7 @@ class GraftConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        self._check_types()
         super().__post_init__()
         self.peft_type = PeftType.GRAFT
         if isinstance(self.target_modules, list):
@@ -226,6 +227,39 @@ class GraftConfig(PeftConfig):
                     field="precision_bands",
                 )
 
+    def _check_types(self) -> None:
+        """Every field's JSON type, before anything uses it: a pack's config file is untrusted input."""
+        for name, (kinds, items) in _FIELD_TYPES.items():
+            value = getattr(self, name, None)
+            if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+                raise GraftConfigError(f"{name} has the wrong type ({type(value).__name__})", field=name)
+            entries = value if items is not None and isinstance(value, (list, set, tuple, dict)) else ()
+            if not all(isinstance(item, items) and not isinstance(item, bool) for item in entries):
+                raise GraftConfigError(f"{name} must hold {items.__name__} entries only", field=name)
+        for name in ("embed_density", "mlp_energy", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise GraftConfigError(f"{name} must be a number, got {value!r}", field=name)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """PEFT's loader, with whatever a malformed config file makes PEFT's generic code raise (a
+        TypeError, a ValueError, a KeyError) reported as a GraftConfigError that names the folder."""
+        where = Path(pretrained_model_name_or_path, subfolder or "")
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (GraftConfigError, OSError):
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as error:
+            raise GraftConfigError(f"{where}: invalid pack config ({type(error).__name__}: {error})") from None
+        if config.modules_to_save:
+            raise GraftConfigError(
+                f"{where}: the pack config lists modules_to_save {config.modules_to_save}, but a SkillPack holds "
+                "only GRAFT deltas, never whole modules; remove the field",
+                field="modules_to_save",
+            )
+        return config
+
     def _check_patterns(self) -> None:
         """Every string PEFT or GRAFT matches as a regular expression against module names: one from an untrusted
         pack config must not be able to hang loading (utils/patterns.py says what is allowed)."""
@@ -268,6 +302,29 @@ class GraftConfig(PeftConfig):
         """The module_roles entry matching a module, if any."""
         pattern = get_pattern_key(self.module_roles.keys(), module_name)
         return self.module_roles.get(pattern)
+
+
+# Field -> (accepted types, type of each entry of a list/set/dict (its keys), or None). Numbers are checked apart.
+_STRINGS = (type(None), str, list, set, tuple)
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], type | None]] = {
+    "task_type": ((type(None), str), None),
+    "base_model_name_or_path": ((type(None), str), None),
+    "revision": ((type(None), str), None),
+    "peft_version": ((type(None), str), None),
+    "auto_mapping": ((type(None), dict), str),
+    "inference_mode": ((bool,), None),
+    "init_weights": ((bool,), None),
+    "target_modules": (_STRINGS, str),
+    "exclude_modules": (_STRINGS, str),
+    "modules_to_save": ((type(None), list, tuple), str),
+    "layers_to_transform": ((type(None), int, list, tuple), int),
+    "layers_pattern": (_STRINGS, str),
+    "target_modules_to_tie": ((type(None), list, tuple, set), str),
+    "rank_pattern": ((dict,), str),
+    "density_pattern": ((dict,), str),
+    "module_roles": ((dict,), str),
+    "pack_info": ((dict,), str),
+}
 
 
 def _check_fraction(name: str, value: object) -> None:

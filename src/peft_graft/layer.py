@@ -31,6 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ._mixed_batch import BASE_ADAPTER, ROW_ADAPTERS, StackCache, row_adapters, row_slots
 from .compress import csr_row_pointers, scatter_dense
+from .errors import GraftConfigError
 
 # Held while a GraftNorm runs its base norm, whose parameters it may swap for the call (see GraftNorm._forward_with).
 _NORM_PARAMETER_LOCK = threading.Lock()
@@ -286,7 +287,10 @@ class GraftLayer(BaseTunerLayer):
     def tie_to(self, source: GraftLayer, adapter: str) -> None:
         """Make `adapter`'s weight delta here the one held by `source` (tied weights): stored and merged once."""
         if tuple(source.delta_shape) != tuple(self.delta_shape):
-            raise ValueError(f"cannot tie a {self.delta_shape} delta to a {source.delta_shape} one")
+            raise GraftConfigError(
+                f"cannot tie a {tuple(self.delta_shape)} delta to a {tuple(source.delta_shape)} one: "
+                "target_modules_to_tie must name modules that share the input embedding's weight"
+            )
         object.__setattr__(self, "_tied_source", source)  # a plain reference, not a submodule
         for name in ("graft_U", "graft_S", "graft_V", "graft_values", "graft_indices"):
             container = getattr(self, name)

@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ._mixed_batch import BASE_ADAPTER, ROW_ADAPTERS
 from .config import GraftConfig
-from .errors import PackFormatError
+from .errors import GraftConfigError, PackFormatError
 from .layer import GraftEmbedding, GraftLayer, GraftLinear, GraftNorm, graft_layers
 from .pack.adapter_io import pack_state_dict, unpack_state_dict
 from .pack.codec import PackingPolicy
@@ -60,7 +60,7 @@ class GraftModel(BaseTuner):
         if tied:
             source = self.model.get_input_embeddings()
             if not isinstance(source, GraftLayer) or adapter_name not in source.graft_values:
-                raise ValueError(f"{current_key} is tied to the input embedding, which must be targeted as well")
+                raise GraftConfigError(f"{current_key} is tied to the input embedding, which must be targeted as well")
             layer.tie_to(source, adapter_name)
 
     def _create_new_module(
@@ -76,7 +76,7 @@ class GraftModel(BaseTuner):
         weight = getattr(base, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 1 and not list(base.children()):
             return GraftNorm(target, adapter_name, graft_config, rank)
-        raise ValueError(
+        raise GraftConfigError(
             f"GRAFT cannot adapt {current_key} ({type(base).__name__}): it supports torch.nn.Linear, transformers "
             "Conv1D, torch.nn.Embedding and norms with a 1-D weight. Remove it from target_modules or add it to "
             "exclude_modules."
@@ -132,6 +132,7 @@ class GraftModel(BaseTuner):
         verify_base(model, peft_config.base_model_fingerprint, base_name, pack="This SkillPack")
         # A pack made from a fine-tune that added tokens needs the base's vocabulary grown first.
         if peft_config.vocab_size is not None:
+            _check_vocabulary_growth(model, peft_config.vocab_size)
             grow_vocabulary(model, peft_config.vocab_size)
 
     def _check_merge_allowed(self) -> None:
@@ -268,6 +269,19 @@ def grow_vocabulary(model: nn.Module, vocab_size: int) -> None:
     config = getattr(model, "config", None)
     if config is not None:
         config.get_text_config().vocab_size = vocab_size
+
+
+def _check_vocabulary_growth(model: nn.Module, vocab_size: int) -> None:
+    """Refuse a pack config that would grow the vocabulary past twice the base's own: the rows are allocated before
+    the pack's weights are read, and no fine-tune adds as many tokens as its base had (a hostile vocab_size would)."""
+    weight = model.get_input_embeddings().weight
+    base_rows = getattr(weight, BASE_ROWS_ATTRIBUTE, weight.shape[0])
+    if vocab_size > 2 * base_rows:
+        raise PackFormatError(
+            f"the pack's config grows the vocabulary from {base_rows} to {vocab_size} rows; a SkillPack "
+            f"may add at most as many tokens as its base has ({2 * base_rows} rows in all). The config is damaged or "
+            "was not written by peft-graft."
+        )
 
 
 def _grown(parameter: nn.Parameter, rows: int) -> nn.Parameter:

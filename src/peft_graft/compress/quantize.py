@@ -92,8 +92,10 @@ def quantize_groupwise(matrix: torch.Tensor, bits: int, group_size: int) -> Grou
 def dequantize_groupwise(quantized: GroupQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Read a :class:`GroupQuantized` matrix back as floats."""
     cols = quantized.shape[1]
-    scale = quantized.scales.float().repeat_interleave(quantized.group_size, dim=1)[:, :cols]
-    zero = quantized.zeros.float().repeat_interleave(quantized.group_size, dim=1)[:, :cols]
+    # each column's group, so nothing is sized by group_size (which may exceed the row: one group per row)
+    group = torch.arange(cols, device=quantized.codes.device) // quantized.group_size
+    scale = quantized.scales.float()[:, group]
+    zero = quantized.zeros.float()[:, group]
     return ((quantized.codes.float() - zero) * scale).to(dtype)
 
 

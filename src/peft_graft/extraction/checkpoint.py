@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -177,8 +177,25 @@ def _resolve_folder(source: str, revision: str | None, token: str | bool | None)
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    index = read_json(folder / SAFETENSORS_INDEX)
+    try:
+        index = read_json(folder / SAFETENSORS_INDEX)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{folder / SAFETENSORS_INDEX} is not valid JSON ({error})", source=folder) from None
     if index is not None:
-        return sorted({folder / name for name in index["weight_map"].values()})
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise CheckpointError(
+                f"{SAFETENSORS_INDEX}: weight_map must map tensor names to shard files", source=folder
+            )
+        shards = sorted(set(weight_map.values()))
+        for name in shards:
+            path = PurePosixPath(name)
+            if path.is_absolute() or ".." in path.parts or "\\" in name or name.startswith("~") or not path.parts:
+                raise CheckpointError(
+                    f"{SAFETENSORS_INDEX} names the shard {name!r}, outside the checkpoint folder; shards must be "
+                    "files inside it",
+                    source=folder,
+                )
+        return [folder / name for name in shards]
     files = sorted(folder.glob("*.safetensors"))
     return [f for f in files if f.name != ADAPTER_WEIGHTS]

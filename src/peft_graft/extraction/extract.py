@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from ..config import GraftConfig
 from ..errors import CheckpointMismatchError, GraftError, MissingTensorError
 from ..pack import layout
-from ..pack.folder import write_pack
+from ..pack.folder import is_pack_folder, write_pack
 from ..pack.provenance import base_parameters, fingerprint_checkpoint
+from ..utils.atomic import check_replaceable
 from .calibration import extract_calibrated, load_texts
 from .checkpoint import CheckpointReader
 from .compressor import Compressor, compress_unit
@@ -71,8 +72,7 @@ def extract_skillpack(
     device = devices[0]
     config = config if config is not None else GraftConfig()
     output_dir = Path(output_dir)
-    if output_dir.exists() and not options.overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
+    check_replaceable(output_dir, options.overwrite, is_pack_folder, "SkillPack folder")
     base_reader = CheckpointReader(
         base, revision=options.base_revision, token=options.token, allow_pickle=options.allow_pickle
     )

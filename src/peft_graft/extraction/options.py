@@ -57,7 +57,9 @@ class ExtractionOptions:
     allow_pickle: bool = field(
         default=False, metadata={"help": "Read .bin checkpoints: pickle can run code, so only for sources you trust."}
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace an existing SkillPack folder at the output (never another folder)."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     skill: str | None = field(default=None, metadata={"help": "What the fine-tune learned, for the model card."})
 

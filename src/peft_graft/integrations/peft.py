@@ -147,16 +147,26 @@ def write_pack_cards_on_save() -> None:
         import os
 
         from peft_graft.pack.card import write_pack_card
+        from peft_graft.utils.atomic import folder_lock
 
-        original_save(
-            self, save_directory, safe_serialization=safe_serialization, selected_adapters=selected_adapters, **kwargs
-        )
-        if kwargs.get("is_main_process", True) is False or not safe_serialization:
-            return
-        for name in selected_adapters or list(self.peft_config):
-            if self.peft_config[name].peft_type == _NAME:
-                folder = save_directory if name == "default" else os.path.join(save_directory, name)
-                write_pack_card(folder)
+        if not any(config.peft_type == _NAME for config in self.peft_config.values()):
+            return original_save(
+                self, save_directory, safe_serialization=safe_serialization, selected_adapters=selected_adapters,
+                **kwargs,
+            )  # fmt: skip
+        # concurrent saves into one folder take turns: interleaved, they mixed one save's config with another's
+        # weights (a hash mismatch) or failed half-way
+        with folder_lock(os.path.abspath(save_directory)):
+            original_save(
+                self, save_directory, safe_serialization=safe_serialization, selected_adapters=selected_adapters,
+                **kwargs,
+            )  # fmt: skip
+            if kwargs.get("is_main_process", True) is False or not safe_serialization:
+                return
+            for name in selected_adapters or list(self.peft_config):
+                if self.peft_config[name].peft_type == _NAME:
+                    folder = save_directory if name == "default" else os.path.join(save_directory, name)
+                    write_pack_card(folder)
 
     original_push = PeftModel.push_to_hub
 

@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 
 from ..errors import ExportError
 from ..pack.codec import decode_lowrank
-from ..pack.folder import PackFolder
+from ..pack.folder import PackFolder, is_adapter_folder
 from ..pack.layout import ADAPTER_WEIGHTS, PEFT_PREFIX, TOKENIZER_CONFIG
-from ..utils.atomic import write_folder
+from ..utils.atomic import is_model_folder, write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _write_lora(output_dir: Path, tensors, pack_config: dict, report: LoraExport
         save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         lora_config.save_pretrained(str(staging))
 
-    write_folder(output_dir, write, overwrite=overwrite)
+    write_folder(output_dir, write, overwrite=overwrite, replaceable=is_adapter_folder, kind="PEFT adapter folder")
 
 
 def _write_merged_base(pack: PackFolder, base: Path, target: Path, lowrank: set[str], dtype, overwrite: bool) -> None:
@@ -157,7 +157,7 @@ def _write_merged_base(pack: PackFolder, base: Path, target: Path, lowrank: set[
         if (Path(tokenizer_source) / TOKENIZER_CONFIG).is_file():
             AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(staging)
 
-    write_folder(target, write, overwrite=overwrite)
+    write_folder(target, write, overwrite=overwrite, replaceable=is_model_folder, kind="model folder")
 
 
 __all__ = ["LoraExport", "export_lora"]

@@ -18,7 +18,7 @@ from peft.utils.merge_utils import disjoint_merge, task_arithmetic
 
 from ..errors import FusionError
 from ..pack.layout import TOKENIZER_CONFIG
-from ..utils.atomic import write_folder
+from ..utils.atomic import is_model_folder, write_folder
 
 METHODS = ("sum", "mean", "ties")
 
@@ -149,7 +149,7 @@ def merge_packs(
         if (Path(base) / TOKENIZER_CONFIG).is_file():
             AutoTokenizer.from_pretrained(base).save_pretrained(staging)
 
-    write_folder(output_dir, write, overwrite=overwrite)
+    write_folder(output_dir, write, overwrite=overwrite, replaceable=is_model_folder, kind="model folder")
     return output_dir
 
 

@@ -16,7 +16,8 @@ from torch import nn
 from ..errors import PackFormatError
 from ..layer import GraftLayer, graft_layers
 from . import layout
-from .codec import PackingPolicy, decode_module, encode_module
+from .codec import DecodedModule, PackingPolicy, decode_module, encode_module
+from .provenance import BASE_ROWS_ATTRIBUTE
 
 # Every per-adapter tensor a GRAFT layer holds in its state dict.
 STATE_TENSORS = (*GraftLayer.adapter_layer_names, "graft_indices")
@@ -51,7 +52,7 @@ def unpack_adapter(
     layer: GraftLayer, adapter: str, tensors: dict[str, torch.Tensor], policy: PackingPolicy
 ) -> dict[str, torch.Tensor]:
     """Decode packed tensors once, in the adapter's dtype, and install them as the adapter's form and shapes."""
-    decoded = decode_module(tensors, layer.delta_shape, layer.adapter_dtype(adapter))
+    decoded = _decode(layer, tensors, layer.adapter_dtype(adapter))
     floats = decoded.tensors
     if "graft_S" in floats:
         u, v = floats["graft_U"], floats["graft_V"]
@@ -74,6 +75,12 @@ def unpack_adapter(
     return floats
 
 
+def _decode(layer: GraftLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> DecodedModule:
+    # an embedding grown by another pack's added tokens takes packs made on its vocabulary before that
+    rows_before_growth = getattr(layer.get_base_layer().weight, BASE_ROWS_ATTRIBUTE, None)
+    return decode_module(tensors, layer.delta_shape, dtype, rows_before_growth=rows_before_growth)
+
+
 def _reuse_loaded_pack(
     layer: GraftLayer, adapter: str, floats: dict[str, torch.Tensor], policy: PackingPolicy
 ) -> dict[str, torch.Tensor] | None:
@@ -82,7 +89,7 @@ def _reuse_loaded_pack(
     if loaded is None or loaded.policy != policy:
         return None
     dtype = next(tensor.dtype for tensor in floats.values() if tensor.is_floating_point())
-    decoded = decode_module(loaded.tensors, layer.delta_shape, dtype).tensors
+    decoded = _decode(layer, loaded.tensors, dtype).tensors
     if decoded.keys() != floats.keys():
         return None
     for name, tensor in floats.items():

@@ -50,6 +50,20 @@ from ..errors import PackFormatError
 
 LOWRANK_FACTORS = ("graft_U", "graft_V")
 _BAND_KEY = re.compile(r"^(graft_U|graft_V)\.b(\d+)_(codes|scales|zeros|qmeta|fp16)$")
+# The one dtype each stored tensor has (graft_indices: int32, or int64 past 2**31 entries). Anything else is refused:
+# reading float16 bytes as bfloat16 (same size, same header otherwise) would load different values silently.
+_STORED_DTYPES = {
+    "graft_S": torch.float32,
+    "graft_values": torch.float16,
+    "graft_rows": torch.float16,
+    "graft_rows_start": torch.int64,
+    "graft_bias": torch.float16,
+    "codes": torch.uint8,
+    "scales": torch.float16,
+    "zeros": torch.uint8,
+    "qmeta": torch.int32,
+    "fp16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -105,9 +119,9 @@ def decode_lowrank(
     """Decode :func:`encode_lowrank` output into ``(u, s, v)`` in `dtype`."""
     if "graft_S" not in tensors:
         raise PackFormatError("missing graft_S (the singular values of a low-rank delta)")
-    s = tensors["graft_S"]
-    if s.dim() != 1 or not s.dtype.is_floating_point or not bool(torch.isfinite(s).all()):
-        raise PackFormatError(f"graft_S must be a finite 1-D float tensor, got {s.dtype} {tuple(s.shape)}")
+    s = _stored("graft_S", tensors["graft_S"])
+    if s.dim() != 1 or not bool(torch.isfinite(s).all()):
+        raise PackFormatError(f"graft_S must be a finite 1-D float32 tensor, got shape {tuple(s.shape)}")
     bands: dict[str, dict[int, dict[str, torch.Tensor]]] = {factor: {} for factor in LOWRANK_FACTORS}
     for key, tensor in tensors.items():
         if key == "graft_S":
@@ -116,7 +130,7 @@ def decode_lowrank(
         if match is None:
             raise PackFormatError(f"unexpected tensor {key!r} in a low-rank delta")
         factor, index, kind = match.group(1), int(match.group(2)), match.group(3)
-        bands[factor].setdefault(index, {})[kind] = tensor
+        bands[factor].setdefault(index, {})[kind] = _stored(key, tensor, kind)
     factors = []
     for factor in LOWRANK_FACTORS:
         if sorted(bands[factor]) != list(range(len(bands[factor]))) or not bands[factor]:
@@ -135,8 +149,8 @@ def decode_rows(prefix: str, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Decode one band block (written by :func:`encode_factors`) as a float32 (n, length) matrix."""
     if set(parts) == {"fp16"}:
         rows = parts["fp16"]
-        if rows.dtype != torch.float16 or rows.dim() != 2:
-            raise PackFormatError(f"{prefix}_fp16 must be a 2-D float16 tensor, got {rows.dtype} {tuple(rows.shape)}")
+        if rows.dim() != 2 or 0 in rows.shape:
+            raise PackFormatError(f"{prefix}_fp16 must be a non-empty 2-D tensor, got shape {tuple(rows.shape)}")
         rows = rows.float()
     elif set(parts) == {"codes", "scales", "zeros", "qmeta"}:
         rows = dequantize_groupwise(_read_quantized(prefix, parts))
@@ -149,17 +163,15 @@ def decode_rows(prefix: str, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 def _read_quantized(prefix: str, parts: Mapping[str, torch.Tensor]) -> GroupQuantized:
     meta = parts["qmeta"]
-    if meta.dtype != torch.int32 or meta.shape != (4,):
+    if meta.shape != (4,):
         raise PackFormatError(f"{prefix}_qmeta must be int32 [rows, length, bits, group_size]")
     rows, length, bits, group_size = (int(x) for x in meta)
     if rows < 1 or length < 1 or group_size < 1 or bits not in STORAGE_BITS or bits == 16:
         raise PackFormatError(f"{prefix}_qmeta holds invalid values {meta.tolist()}")
     groups = num_groups(length, group_size)
     scales = parts["scales"]
-    if scales.dtype != torch.float16 or tuple(scales.shape) != (rows, groups):
-        raise PackFormatError(
-            f"{prefix}_scales should be float16 {(rows, groups)}, got {scales.dtype} {tuple(scales.shape)}"
-        )
+    if tuple(scales.shape) != (rows, groups):
+        raise PackFormatError(f"{prefix}_scales should have shape {(rows, groups)}, got {tuple(scales.shape)}")
     if not bool(torch.isfinite(scales).all()):
         raise PackFormatError(f"{prefix}_scales holds NaN or Inf")
     try:
@@ -168,6 +180,14 @@ def _read_quantized(prefix: str, parts: Mapping[str, torch.Tensor]) -> GroupQuan
     except ValueError as error:
         raise PackFormatError(f"{prefix}: {error}") from error
     return GroupQuantized(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
+
+
+def _stored(key: str, tensor: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+    """`tensor` if it has the dtype the format stores `key` in, else a PackFormatError."""
+    expected = _STORED_DTYPES[kind or key]
+    if tensor.dtype != expected:
+        raise PackFormatError(f"{key} must be stored as {expected}, got {tensor.dtype}")
+    return tensor
 
 
 def encode_sparse(
@@ -279,9 +299,14 @@ def encode_module(
 
 
 def decode_module(
-    tensors: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+    tensors: Mapping[str, torch.Tensor],
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    *,
+    rows_before_growth: int | None = None,
 ) -> DecodedModule:
-    """Decode :func:`encode_module` output for a layer whose weight has logical `shape`."""
+    """Decode :func:`encode_module` output for a layer whose weight has logical `shape` (see :func:`decode_values`
+    for `rows_before_growth`)."""
     lowrank = {k: t for k, t in tensors.items() if k == "graft_S" or k.startswith(LOWRANK_FACTORS)}
     values_keys = {"graft_values", "graft_indices", "graft_rows", "graft_rows_start"}
     values = {k: t for k, t in tensors.items() if k in values_keys}
@@ -296,14 +321,16 @@ def decode_module(
         u, s, v = decode_lowrank(lowrank, dtype)
         decoded.update(graft_U=u, graft_S=s, graft_V=v)
     elif values:
-        delta_values, indices, dense_rows_from = decode_values(values, shape, dtype)
+        delta_values, indices, dense_rows_from = decode_values(values, shape, dtype, rows_before_growth)
         decoded["graft_values"] = delta_values
         if indices is not None:
             decoded["graft_indices"] = indices
     if "graft_bias" in tensors:
-        bias = tensors["graft_bias"]
-        if bias.dim() != 1 or not bias.dtype.is_floating_point or not bool(torch.isfinite(bias).all()):
-            raise PackFormatError("graft_bias must be a finite 1-D float tensor")
+        bias = _stored("graft_bias", tensors["graft_bias"])
+        if tuple(bias.shape) != tuple(shape[:1]) or not bool(torch.isfinite(bias).all()):
+            raise PackFormatError(
+                f"graft_bias must be a finite vector of the module's {shape[0]} outputs, got shape {tuple(bias.shape)}"
+            )
         decoded["graft_bias"] = bias.to(dtype)
     if not decoded:
         raise PackFormatError("the module holds no delta tensors")
@@ -311,25 +338,34 @@ def decode_module(
 
 
 def decode_values(
-    tensors: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+    tensors: Mapping[str, torch.Tensor],
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    rows_before_growth: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
     """Decode a values delta into ``(values, indices, dense_rows_from)``; indices is None for a dense delta.
 
-    A dense delta with fewer rows than `shape` (the base vocabulary grew after the pack was made) is padded with
-    zero rows; flat row-major indices need no change for that.
+    A dense delta must have exactly `shape`, with one exception: an embedding (or head) whose vocabulary was grown
+    (by another pack's added tokens) from `rows_before_growth` rows takes a pack made on any vocabulary from that one
+    up, its missing rows zero. Flat row-major indices need no change for that.
     """
     if "graft_values" not in tensors:
         raise PackFormatError(f"a values delta needs graft_values; got {sorted(tensors)}")
-    values = tensors["graft_values"]
-    if not values.dtype.is_floating_point or not bool(torch.isfinite(values).all()):
-        raise PackFormatError("graft_values must be finite floats")
+    values = _stored("graft_values", tensors["graft_values"])
+    if not bool(torch.isfinite(values).all()):
+        raise PackFormatError("graft_values holds NaN or Inf")
     numel = math.prod(shape)
     if "graft_indices" not in tensors:
         if set(tensors) != {"graft_values"}:
             raise PackFormatError(f"a dense delta is graft_values alone; got {sorted(tensors)}")
-        grown = values.dim() == len(shape) and values.shape[1:] == tuple(shape[1:]) and values.shape[0] < shape[0]
+        grown = (
+            rows_before_growth is not None
+            and values.dim() == len(shape) == 2
+            and values.shape[1] == shape[1]
+            and rows_before_growth <= values.shape[0] < shape[0]
+        )
         if grown:
-            values = torch.cat([values, values.new_zeros(shape[0] - values.shape[0], *shape[1:])])
+            values = torch.cat([values, values.new_zeros(shape[0] - values.shape[0], shape[1])])
         if tuple(values.shape) != tuple(shape):
             raise PackFormatError(f"dense graft_values has shape {tuple(values.shape)}, expected {tuple(shape)}")
         return values.to(dtype), None, None
@@ -341,11 +377,14 @@ def decode_values(
         )
     indices = indices.long()
     dense_rows_from = None
-    if "graft_rows" in tensors:
-        block, start = tensors["graft_rows"], tensors.get("graft_rows_start")
+    if "graft_rows" in tensors or "graft_rows_start" in tensors:
+        block = _stored("graft_rows", tensors.get("graft_rows", torch.empty(0, dtype=torch.float16)))
+        start = _stored("graft_rows_start", tensors.get("graft_rows_start", torch.empty(0, dtype=torch.int64)))
         cols = shape[-1]
-        if start is None or start.numel() != 1 or block.dim() != 2 or block.shape[1] != cols:
+        if start.numel() != 1 or block.dim() != 2 or block.shape[1] != cols:
             raise PackFormatError("graft_rows must be (rows, cols) with a one-element graft_rows_start")
+        if not bool(torch.isfinite(block).all()):
+            raise PackFormatError("graft_rows (the rows of added tokens) holds NaN or Inf")
         dense_rows_from = int(start)
         if dense_rows_from < 0 or dense_rows_from + block.shape[0] > shape[0]:
             raise PackFormatError(

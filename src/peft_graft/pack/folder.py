@@ -102,6 +102,45 @@ def check_pack_weights(file: str | os.PathLike, where: str) -> dict[str, TensorE
         ) from None
 
 
+def check_confined(files: Iterable[Path], root: Path, where: str) -> None:
+    """Refuse files that are symlinks leading out of `root` (loading or uploading them would read whatever they point
+    at). Links inside `root` are fine, and so are the Hub cache's own links from a snapshot to its repo's blobs."""
+    root = Path(root).resolve()
+    for file in files:
+        if not file.is_symlink():
+            continue
+        target = file.resolve()
+        if target.is_relative_to(root) or _is_hub_cache_blob(target, root):
+            continue
+        raise UnsafePackError(
+            f"{where}: {file.name} is a symbolic link to {target}, outside the folder; a pack or router folder must "
+            "hold its own files (copy the file in instead of linking it)",
+            path=file,
+        )
+
+
+def _is_hub_cache_blob(target: Path, root: Path) -> bool:
+    """Whether `root` lies in a huggingface_hub cache snapshot and `target` in the same repo's blobs."""
+    for snapshot in (root, *root.parents):
+        if snapshot.parent.name == "snapshots":
+            return target.is_relative_to(snapshot.parent.parent / "blobs")
+    return False
+
+
+def is_pack_folder(path: Path) -> bool:
+    """Whether `path` is a SkillPack folder (its adapter_config.json says GRAFT): what an overwrite may replace."""
+    try:
+        config = read_json(Path(path) / layout.ADAPTER_CONFIG)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("peft_type") == layout.PEFT_TYPE
+
+
+def is_adapter_folder(path: Path) -> bool:
+    """A PEFT adapter folder of any method (what an adapter export may replace)."""
+    return (Path(path) / layout.ADAPTER_CONFIG).is_file()
+
+
 def pickle_refusal(source: str, pickled: list[str]) -> UnsafePackError:
     """The error for a pack that offers only pickle weights."""
     return UnsafePackError(
@@ -119,6 +158,7 @@ class PackFolder:
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is not a folder")
         config_file = self.path / layout.ADAPTER_CONFIG
+        check_confined(self.files(), self.path, str(self.path))
         if not config_file.is_file():
             raise PackFormatError(
                 f"{self.path} has no {layout.ADAPTER_CONFIG}: it is not a SkillPack folder", path=self.path
@@ -244,4 +284,4 @@ def write_pack(
             (staging / layout.REPORT_FILE).write_text(text, encoding="utf-8")
         write_pack_card(staging, repo_id=output_dir.name)
 
-    write_folder(output_dir, write, overwrite=overwrite)
+    write_folder(output_dir, write, overwrite=overwrite, replaceable=is_pack_folder, kind="SkillPack folder")

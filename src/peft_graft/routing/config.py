@@ -22,8 +22,12 @@ ROUTER_CONFIG = "router_config.json"
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_FORMAT_VERSION = 1
 _PACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+# A Hub revision from a router config: a branch, tag or commit name (git's ref rules, in short), never a path
+_REVISION = re.compile(r"(?!.*\.\.)(?!.*//)[A-Za-z0-9][A-Za-z0-9._/-]{0,199}(?<![./])")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 # Bounds on a router's classifier: far above any real router, far below what a hostile file could make us allocate.
 _MAX_ROUTER_WIDTH = 1 << 16
+_ROUTER_FIELDS = {"embedding_dim", "hidden_size", "dropout", "labels"}
 
 
 def check_pack_name(name: object) -> None:
@@ -75,7 +79,14 @@ class PackSource:
                 validate_repo_id(str(data["repo_id"]))
             except HFValidationError as error:
                 raise RoutingError(f"{ROUTER_CONFIG}: invalid pack repo id {data['repo_id']!r} ({error})") from None
-            return cls(str(data["repo_id"]), data.get("revision"), data.get("commit"))
+            revision, commit = data.get("revision"), data.get("commit")
+            if revision is not None and not (isinstance(revision, str) and _REVISION.fullmatch(revision)):
+                raise RoutingError(
+                    f"{ROUTER_CONFIG}: pack revision {str(revision)[:80]!r} is not a branch, tag or commit name"
+                )
+            if commit is not None and not (isinstance(commit, str) and _COMMIT.fullmatch(commit)):
+                raise RoutingError(f"{ROUTER_CONFIG}: pack commit {str(commit)[:80]!r} is not a 40-hex-digit commit id")
+            return cls(str(data["repo_id"]), revision, commit)
         if "path" in data:
             return cls(str(inside(router_dir, str(data["path"]))))
         raise RoutingError(f"a pack source needs 'path' or 'repo_id', got {dict(data)}")
@@ -135,6 +146,12 @@ class RouterConfig:
         if self.router is not None:
             if not isinstance(self.router, dict) or self.router.get("labels") != labels:
                 raise RoutingError(f"{ROUTER_CONFIG}: the router's labels must be {labels}")
+            if not set(self.router) <= _ROUTER_FIELDS:
+                unknown = sorted(set(self.router) - _ROUTER_FIELDS)
+                raise RoutingError(f"{ROUTER_CONFIG}: unknown router fields {unknown}")
+            dropout = self.router.get("dropout", 0.0)
+            if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+                raise RoutingError(f"{ROUTER_CONFIG}: router.dropout must be a number in [0, 1), got {dropout!r}")
             for key in ("embedding_dim", "hidden_size"):
                 value = self.router.get(key)
                 if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_ROUTER_WIDTH:
@@ -158,10 +175,13 @@ class RouterConfig:
     @classmethod
     def read(cls, folder: str | os.PathLike) -> RouterConfig:
         """``router_config.json`` of a router folder, validated (pack paths included)."""
+        from ..pack.folder import check_confined
+
         folder = Path(folder)
         file = folder / ROUTER_CONFIG
         if not file.is_file():
             raise RoutingError(f"{folder} has no {ROUTER_CONFIG}")
+        check_confined([file, folder / ROUTER_WEIGHTS], folder, str(folder))
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -12,7 +12,7 @@ import contextlib
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ class RoutedGraftModel:
         self.threshold = threshold
         self.manual = ManualRouter(manual) if manual is not None else None
         self.merged = merged
-        self._merge_lock = threading.Lock()
+        self._gate = _Gate()
         self._merged_pack: str | None = None
         self.model.eval()
 
@@ -121,7 +121,7 @@ class RoutedGraftModel:
         source = _as_source(source)
         folder = _pack_folder(name, source, self.tokenizer, token)
         _check_one_base({**{n: None for n in self.sources}, name: folder}, known=self.base_fingerprint)
-        with self._merge_lock:
+        with self._gate.exclusive():  # waits for requests in flight: attaching reads (and may merge) the weights
             if self._merged_pack is not None:  # attaching checks the base weights, which must be unmerged
                 self.model.unmerge_adapter()
                 self._merged_pack = None
@@ -138,7 +138,7 @@ class RoutedGraftModel:
             raise RoutingError(f"no pack named {name!r}; loaded packs: {', '.join(self.labels)}")
         if len(self.sources) == 1:
             raise RoutingError("cannot remove the last pack")
-        with self._merge_lock:
+        with self._gate.exclusive():
             if self._merged_pack is not None:
                 self.model.unmerge_adapter()
                 self._merged_pack = None
@@ -229,8 +229,9 @@ class RoutedGraftModel:
 
     def set_merged(self, merged: bool) -> None:
         """Merged mode: when a whole batch goes to one pack, that pack is added to the base weights (no per-token
-        cost for it), and swapped when the route changes; requests are then served one at a time."""
-        with self._merge_lock:
+        cost for it), and swapped when the route changes; requests are then served one at a time. Switching waits
+        for the requests in flight."""
+        with self._gate.exclusive():
             if not merged and self._merged_pack is not None:
                 self.model.unmerge_adapter()
                 self._merged_pack = None
@@ -244,9 +245,16 @@ class RoutedGraftModel:
         self._check_names([name for name, _ in routes])
         return routes
 
-    def _request(self):
-        """Merged weights are shared state: in merged mode, requests (routing included) run one at a time."""
-        return self._merge_lock if self.merged else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _request(self) -> Iterator[None]:
+        """Merged weights are shared state: in merged mode requests (routing included) run one at a time; unmerged,
+        they run together, and whatever changes the weights (set_merged, add_pack, remove_pack) waits for them."""
+        while True:
+            merged = self.merged
+            with self._gate.exclusive() if merged else self._gate.shared():
+                if self.merged == merged:  # the mode did not change while this request waited
+                    yield
+                    return
 
     def _run(self, function, routes, **kwargs):
         names = [name for name, _ in routes]
@@ -424,3 +432,40 @@ def _same_location(first: str, second: str) -> bool:
         return True
     a, b = Path(first).expanduser(), Path(second).expanduser()
     return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+class _Gate:
+    """A readers-writer lock: many holders of `shared`, or one of `exclusive`. A waiting exclusive holder goes
+    before new shared ones, so a stream of requests cannot starve set_merged or add_pack."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._writing and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._condition:
+            self._writers_waiting += 1
+            self._condition.wait_for(lambda: not self._writing and not self._readers)
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writing = False
+                self._condition.notify_all()

@@ -14,17 +14,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from safetensors.torch import save_file
 
-from ..errors import RoutingError
+from ..errors import CheckpointError, RoutingError
 from ..hub import hub_errors, upload_files
 from ..pack.card import router_card, write_card
 from ..pack.folder import PackFolder, verify_weights
 from ..pack.layout import CARD_FILE, PACK_FILES
 from ..utils.digest import file_sha256
+from ..utils.safetensors_io import read_safetensors_header
 from .config import ROUTER_CONFIG, ROUTER_WEIGHTS, RouterConfig, inside
 
 if TYPE_CHECKING:
+    from .classifier import GraftRouter
     from .routed_model import RoutedGraftModel
 
 
@@ -78,9 +81,7 @@ def load_router(
     **options: Any,
 ) -> RoutedGraftModel:
     """A router folder (or Hub repo id) as a routed model on `base_model`: packs attached, classifier loaded."""
-    from safetensors.torch import load_file
-
-    from .classifier import BaseModelEmbedder, GraftRouter
+    from .classifier import BaseModelEmbedder
 
     folder = Path(directory).expanduser()
     if not folder.is_dir():
@@ -111,11 +112,41 @@ def load_router(
     elif spec.get("max_length"):
         routed.embedder.max_length = int(spec["max_length"])
     if config.router is not None:
-        router = GraftRouter(**config.router)
         verify_weights(config.weights_sha256, folder / ROUTER_WEIGHTS, str(folder), saver="save_router")
-        router.load_state_dict(load_file(folder / ROUTER_WEIGHTS))
-        routed.router = router.eval()
+        routed.router = _load_classifier(config.router, folder / ROUTER_WEIGHTS)
     return routed
+
+
+def _load_classifier(shape: dict[str, Any], file: Path) -> GraftRouter:
+    """The router's classifier from its weight file, whose header must hold exactly the tensors (names, shapes,
+    dtypes) of a classifier of `shape`: checked on the meta device before anything is allocated, so a config
+    declaring a huge router costs nothing. Non-finite weights are refused."""
+    from safetensors.torch import load_file
+
+    from .classifier import GraftRouter
+
+    try:
+        header = read_safetensors_header(file)
+    except CheckpointError as error:
+        raise RoutingError(f"the router weights are damaged ({error})") from None
+    with torch.device("meta"):
+        expected = GraftRouter(**shape).state_dict()
+    found = {name: (entry.dtype, entry.shape) for name, entry in header.items()}
+    wanted = {name: (_SAFETENSORS_DTYPE[t.dtype], tuple(t.shape)) for name, t in expected.items()}
+    if found != wanted:
+        raise RoutingError(
+            f"{file.name} does not hold the classifier {ROUTER_CONFIG} describes (expected {wanted}, found "
+            f"{dict(list(found.items())[:8])}): the router folder is inconsistent; save it again with save_router"
+        )
+    state = load_file(file)
+    if not all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()):
+        raise RoutingError(f"{file.name} holds NaN or Inf weights; the router must be trained again")
+    router = GraftRouter(**shape)
+    router.load_state_dict(state)
+    return router.eval()
+
+
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bool: "BOOL"}
 
 
 def push_router_folder(
