@@ -141,3 +141,17 @@ def test_the_cli_reports_a_disk_error_in_one_line(tmp_path, capsys):
     assert last.startswith("peft-graft: error:") and "writable" in last and "Traceback" not in error
     with pytest.raises(OSError):
         main(["--debug", *command])
+
+
+def test_written_folders_and_files_follow_the_umask(tmp_path):
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        atomic.write_folder(tmp_path / "pack", _write_marker("shared"))
+        atomic.write_file(tmp_path / "pack" / "card.md", "text")
+    finally:
+        os.umask(previous)
+    # were 0700 and 0600 (mkdtemp / mkstemp): a team's shared cache could not read them
+    assert (tmp_path / "pack").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "pack" / "card.md").stat().st_mode & 0o777 == 0o644

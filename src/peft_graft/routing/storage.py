@@ -23,7 +23,7 @@ from ..pack.card import router_card, write_card
 from ..pack.folder import PackFolder, verify_weights
 from ..pack.layout import CARD_FILE, PACK_FILES
 from ..utils.digest import file_sha256
-from ..utils.safetensors_io import read_safetensors_header
+from ..utils.safetensors_io import DTYPES, read_safetensors_header
 from .config import ROUTER_CONFIG, ROUTER_WEIGHTS, RouterConfig, inside
 
 if TYPE_CHECKING:
@@ -132,7 +132,8 @@ def _load_classifier(shape: dict[str, Any], file: Path) -> GraftRouter:
     with torch.device("meta"):
         expected = GraftRouter(**shape).state_dict()
     found = {name: (entry.dtype, entry.shape) for name, entry in header.items()}
-    wanted = {name: (_SAFETENSORS_DTYPE[t.dtype], tuple(t.shape)) for name, t in expected.items()}
+    dtype_names = {dtype: name for name, dtype in DTYPES.items()}
+    wanted = {name: (dtype_names[t.dtype], tuple(t.shape)) for name, t in expected.items()}
     if found != wanted:
         raise RoutingError(
             f"{file.name} does not hold the classifier {ROUTER_CONFIG} describes (expected {wanted}, found "
@@ -144,9 +145,6 @@ def _load_classifier(shape: dict[str, Any], file: Path) -> GraftRouter:
     router = GraftRouter(**shape)
     router.load_state_dict(state)
     return router.eval()
-
-
-_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bool: "BOOL"}
 
 
 def push_router_folder(

@@ -37,6 +37,7 @@ def write_folder(
     with folder_lock(target):
         _remove_leftovers(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; a saved folder follows the umask like any other
         try:
             write(staging)
             if target.exists():
@@ -127,6 +128,7 @@ def write_file(target: Path, content: str | bytes) -> Path:
     """Write `content` to a hidden sibling of `target`, flush it to disk, then rename it to `target`."""
     target = Path(target)
     handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes it 0600
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(content.encode("utf-8") if isinstance(content, str) else content)
@@ -137,3 +139,13 @@ def write_file(target: Path, content: str | bytes) -> Path:
         Path(staging).unlink(missing_ok=True)
         raise
     return target
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only read by setting)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
