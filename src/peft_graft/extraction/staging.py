@@ -94,7 +94,8 @@ class Staging:
             for key, tensor in module.items()
         }
         partial = tensors_file.with_suffix(".partial")
-        save_file(tensors, partial, metadata={"format": "pt"})
+        # no metadata: safetensors 0.4 writes a malformed header for metadata without tensors (a unit that kept none)
+        save_file(tensors, partial)
         os.replace(partial, tensors_file)
         write_file(reports_file, json.dumps([asdict(report) for report in reports]) + "\n")
 
