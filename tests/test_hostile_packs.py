@@ -383,3 +383,29 @@ def test_the_cli_reports_a_hostile_pack_in_one_line_and_debug_shows_the_tracebac
     assert error.startswith("peft-graft: error:") and "damaged" in error and error.count("\n") == 1
     with pytest.raises(PackFormatError):
         main(["--debug", "inspect", str(pack)])
+
+
+def test_a_sparse_delta_emptied_of_its_entries_is_refused(tmp_path):
+    pack = tmp_path / "pack"
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), GraftConfig(target_modules=["q_proj", "embed_tokens"], init_weights=False))
+    model.save_pretrained(pack)
+
+    def empty_embedding(tensors):  # found by the fuzzer: loaded, with the embedding's delta silently gone
+        for key in [k for k in tensors if "embed_tokens.graft_" in k]:
+            tensors[key] = tensors[key][:0].contiguous()
+
+    _rewrite(pack, empty_embedding)
+    with pytest.raises(PackFormatError, match=r"sparse delta with no entries"):
+        PeftModel.from_pretrained(tiny_llama(), pack)
+
+
+@pytest.mark.parametrize("targets", [[], ["no_such_module"]])
+def test_a_pack_config_targeting_no_module_of_the_model_is_a_graft_config_error(tmp_path, targets):
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    pack = _saved_pack(tmp_path / "pack")
+    _edit_config(pack, target_modules=targets)  # found by the fuzzer: PEFT's own error escaped untyped
+    with pytest.raises(GraftConfigError, match=r"target_modules do not match this model") as caught:
+        PeftModel.from_pretrained(tiny_llama(), pack)
+    assert isinstance(caught.value, NoMatchingPeftModuleError)  # still PEFT's error for PEFT's callers

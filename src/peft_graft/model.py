@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, find_parameter_name_by_module
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.error import NoMatchingPeftModuleError
 from peft.utils.other import match_target_against_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -24,12 +25,24 @@ from .pack.layout import KEY_PREFIX
 from .pack.provenance import BASE_ROWS_ATTRIBUTE, fingerprint_model, verify_base
 
 
+class NoMatchingModulesError(GraftConfigError, NoMatchingPeftModuleError):
+    """No module of the model matches a GRAFT config's target_modules."""
+
+
 class GraftModel(BaseTuner):
     """Injects GRAFT layers into a model. Created by ``get_peft_model(model, GraftConfig(...))``."""
 
     prefix: str = KEY_PREFIX
     tuner_layer_cls = GraftLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().inject_adapter(*args, **kwargs)
+        except NoMatchingPeftModuleError as error:
+            # typed as ours (a pack config naming modules this model lacks), and still PEFT's for its callers
+            message = f"{error} (the GRAFT config's target_modules do not match this model)"
+            raise NoMatchingModulesError(message) from None
 
     def _create_and_replace(
         self,

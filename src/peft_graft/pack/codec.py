@@ -375,6 +375,9 @@ def decode_values(
             f"graft_indices must be 1-D int32/int64 matching graft_values; got {indices.dtype} "
             f"{tuple(indices.shape)} and {tuple(values.shape)}"
         )
+    if indices.numel() == 0 and "graft_rows" not in tensors:
+        # never written (a module whose delta keeps no entry is left out of the pack): emptied tensors mean damage
+        raise PackFormatError("a sparse delta with no entries (graft_indices and graft_values are empty)")
     indices = indices.long()
     dense_rows_from = None
     if "graft_rows" in tensors or "graft_rows_start" in tensors:
