@@ -25,10 +25,6 @@ from .pack.layout import KEY_PREFIX
 from .pack.provenance import BASE_ROWS_ATTRIBUTE, fingerprint_model, verify_base
 
 
-class NoMatchingModulesError(GraftConfigError, NoMatchingPeftModuleError):
-    """No module of the model matches a GRAFT config's target_modules."""
-
-
 class GraftModel(BaseTuner):
     """Injects GRAFT layers into a model. Created by ``get_peft_model(model, GraftConfig(...))``."""
 
@@ -40,9 +36,9 @@ class GraftModel(BaseTuner):
         try:
             super().inject_adapter(*args, **kwargs)
         except NoMatchingPeftModuleError as error:
-            # typed as ours (a pack config naming modules this model lacks), and still PEFT's for its callers
+            # typed as ours: a pack config naming modules this model lacks (PEFT itself never catches it)
             message = f"{error} (the GRAFT config's target_modules do not match this model)"
-            raise NoMatchingModulesError(message) from None
+            raise GraftConfigError(message, field="target_modules") from None
 
     def _create_and_replace(
         self,
