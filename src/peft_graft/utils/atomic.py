@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import glob
 import os
 import shutil
@@ -115,7 +116,9 @@ def _swap(staging: Path, target: Path) -> None:
     os.replace(retired, staging)
 
 
+@functools.cache
 def _renameat2():
+    """libc's renameat2, looked up once (None where there is none)."""
     with contextlib.suppress(OSError, AttributeError, TypeError):
         function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).renameat2
         function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
