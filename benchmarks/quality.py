@@ -1,20 +1,23 @@
-"""Quality per byte: every method compresses the same real delta (SmolLM2-135M-Instruct -> its arithmetic fine-tune)
-at the same byte budgets, and is scored in one process, side by side.
+"""Quality per byte: every method compresses the same real deltas (SmolLM2-135M-Instruct -> two skill fine-tunes) at
+the same byte budgets, and is scored in one process, side by side.
 
-    python benchmarks/quality.py [--quick]
+    python benchmarks/quality.py [--quick] [--skills arithmetic,letters] [--prompts N]
 
 Methods (bytes = what each stores, all deltas included; fp16 delta = 2 bytes per parameter):
-- ``graft``: peft-graft's default, calibrated GPTQ with mixed precision bands, at the budget;
+- ``graft``: peft-graft's default (``forms="any"``), calibrated (GPTQ) at the budget;
 - ``graft data-free``: the same without calibration data (round-to-nearest);
+- ``graft lowrank``: data-free with ``forms="lowrank"`` (projections low-rank only: the LoRA-exportable profile);
 - ``lowrank (mergekit)``: ``mergekit-extract-lora`` (the real package) at the largest rank that fits, fp16 factors,
   embeddings low-rank too (``--embed-lora``), norms stored whole;
-- ``BitDelta``: 1-bit signs + one fp16 scale (mean |delta|) per matrix, no scale distillation; one size only;
 - ``DARE``: random drop with rescale; kept entries stored as fp16 value + int32 index (6 bytes each);
-- ``RTN int4`` / ``RTN int2``: group-wise (128) round-to-nearest of the dense delta, fp16 scale + 8-bit zero per group.
+- ``BitDelta``: 1-bit signs + one fp16 scale (mean |delta|) per matrix, no scale distillation; one size only;
+- ``RTN int8/4/3/2``: group-wise (128) round-to-nearest of the dense delta, fp16 scale + zero per group; one size each.
 1-D deltas (norms, biases) are stored whole in fp16 by every method except mergekit (which stores them itself).
 
-Metrics on held-out data: exact-match accuracy (retention = (method - base) / (fine-tune - base)), KL(fine-tune ||
-method) per answer token, and relative output error ||logits_method - logits_ft|| / ||logits_ft - logits_base||.
+Metrics on held-out questions (none seen in training): KL(fine-tune ‖ method) per answer token, teacher-forced (the
+primary metric; mean over questions, with its standard error), exact-match accuracy by greedy generation and
+retention = (method − base) / (fine-tune − base), both with the standard error of the method's accuracy, and the
+relative output error ‖logits_method − logits_ft‖ / ‖logits_ft − logits_base‖ on the answer tokens.
 """
 
 from __future__ import annotations
@@ -38,43 +41,76 @@ from common import RESULTS, markdown_table, write_results
 
 from peft_graft import extract_skillpack
 from peft_graft._demo.bundled import bundled_model
-from peft_graft._demo.recipes import ARITHMETIC, finetuned_skill
+from peft_graft._demo.recipes import SkillRecipe, finetuned_skill
 from peft_graft.compress.quantize import dequantize_groupwise, quantize_groupwise
 from peft_graft.evaluation.tasks import chat_prompt, chat_text, generate_answers
 from peft_graft.ops import pack_deltas
 
-BUDGETS = {"1/4": 1 / 4, "1/8": 1 / 8, "1/16": 1 / 16, "1/32": 1 / 32, "1/64": 1 / 64}
-QUICK_BUDGETS = ("1/16",)
+BUDGETS = {"1/4": 1 / 4, "1/8": 1 / 8, "1/16": 1 / 16, "1/32": 1 / 32, "1/64": 1 / 64, "1/128": 1 / 128}
+QUICK_BUDGETS = ("1/16", "1/64")
+# Stronger fine-tunes than the demo's (200 steps on 1600 examples, one epoch): 0.6 % -> ~40 % (arithmetic) and
+# 0.8 % -> ~60 % (letter counting) held-out accuracy, so that methods are told apart by what they keep.
+SKILLS = {
+    "arithmetic": SkillRecipe(
+        "basic_arithmetic",
+        {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+        train_examples=1600,
+        test_examples=500,
+        steps=200,
+    ),
+    "letters": SkillRecipe(
+        "letter_counting", {"min_words": 3, "max_words": 5}, train_examples=1600, test_examples=500, steps=200
+    ),
+}
+QUICK_SKILLS = ("arithmetic",)
+# The methods a graft row is compared with (fixed-size ones count where they use at least graft's bytes)
+PEERS = ("lowrank (mergekit)", "DARE", "BitDelta", "RTN int8", "RTN int4", "RTN int3", "RTN int2")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="budget 1/16 only, 100 prompts (about 4 minutes)")
-    parser.add_argument("--prompts", type=int, help="held-out questions (default: 300, quick: 100)")
+    parser.add_argument("--quick", action="store_true", help="arithmetic at 1/16 and 1/64, 200 prompts (~6 minutes)")
+    parser.add_argument("--skills", help=f"comma-separated, from {', '.join(SKILLS)} (default: all; quick: arithmetic)")
+    parser.add_argument("--prompts", type=int, help="held-out questions per skill (default: 500, quick: 200)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved results")
     args = parser.parse_args()
+    suffix = "-quick" if args.quick else ""
     if args.plot_only:
-        suffix = "-quick" if args.quick else ""
         saved = json.loads((RESULTS / f"quality{suffix}.json").read_text())
-        _plot(saved["rows"], saved["scores"], suffix)
+        _plot(saved["rows"], saved["skills"], suffix)
         return
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     budgets = {k: BUDGETS[k] for k in QUICK_BUDGETS} if args.quick else BUDGETS
-    prompts_n = args.prompts or (100 if args.quick else 300)
+    skills = args.skills.split(",") if args.skills else list(QUICK_SKILLS if args.quick else SKILLS)
+    prompts_n = args.prompts or (200 if args.quick else 500)
     started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="graft-bench-quality-"))
+    rows, summaries = [], {}
+    for skill in skills:
+        skill_rows, summary = _run_skill(skill, SKILLS[skill], budgets, prompts_n)
+        rows += skill_rows
+        summaries[skill] = summary
+    targets = _targets(rows, summaries)
+    table = _tables(rows, summaries, targets)
+    payload = {"skills": summaries, "rows": rows, "targets": targets, "seconds": time.perf_counter() - started}
+    write_results("quality", payload, table, suffix)
+    _plot(rows, summaries, suffix)
+    print(table)
+    print(f"total {time.perf_counter() - started:.0f} s")
 
+
+def _run_skill(skill: str, recipe: SkillRecipe, budgets: dict[str, float], prompts_n: int) -> tuple[list, dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_dir, tuned_dir = bundled_model(), finetuned_skill(ARITHMETIC)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="graft-bench-quality-"))
+    base_dir, tuned_dir = bundled_model(), finetuned_skill(recipe)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    task = ARITHMETIC.build_task()
-    train, held_out = task.split(ARITHMETIC.train_examples, prompts_n, seed=ARITHMETIC.seed)
+    task = recipe.build_task()
+    train, held_out = task.split(recipe.train_examples, prompts_n, seed=recipe.seed)
     calibration = [chat_text(tokenizer, e.question, e.answer) for e in train[:64]]
-    texts = [chat_text(tokenizer, e.question, e.answer) for e in held_out[:60]]
-    text_prompts = [chat_prompt(tokenizer, e.question) for e in held_out[:60]]
     prompts = [chat_prompt(tokenizer, e.question) for e in held_out]
+    answers = _answer_batches(tokenizer, held_out)
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     tuned = AutoModelForCausalLM.from_pretrained(tuned_dir, dtype=torch.float32).eval()
@@ -83,22 +119,20 @@ def main() -> None:
     delta = {k: (tuned_state[k].detach() - base_state[k]) for k in base_state}
     fp16_bytes = 2 * sum(t.numel() for t in delta.values())
 
-    def accuracy(model) -> float:
-        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=8, batch_size=16)
-        return sum(task.score(a, e) for a, e in zip(answers, held_out, strict=True)) / len(held_out)
+    def accuracy(model) -> tuple[float, float]:
+        completions = generate_answers(model, tokenizer, prompts, max_new_tokens=8, batch_size=32)
+        correct = [task.score(a, e) for a, e in zip(completions, held_out, strict=True)]
+        mean = sum(correct) / len(correct)
+        return mean, math.sqrt(max(mean * (1 - mean), 1e-12) / len(correct))
 
-    def answer_logits(model) -> list[torch.Tensor]:
-        out = []
-        with torch.no_grad():
-            for text, prompt in zip(texts, text_prompts, strict=True):
-                ids = tokenizer(text, return_tensors="pt")["input_ids"]
-                start = len(tokenizer(prompt)["input_ids"]) - 1
-                out.append(model(input_ids=ids).logits[0, start:-1].float())
-        return out
-
-    reference = {"base": answer_logits(base), "ft": answer_logits(tuned)}
+    reference = {"base": _answer_logits(base, answers), "ft": _answer_logits(tuned, answers)}
     scores = {"base": accuracy(base), "finetuned": accuracy(tuned)}
-    print(f"base {scores['base']:.4f}  fine-tune {scores['finetuned']:.4f}  ({time.perf_counter() - started:.0f} s)")
+    gain = scores["finetuned"][0] - scores["base"][0]
+    print(
+        f"{skill}: base {scores['base'][0]:.4f}  fine-tune {scores['finetuned'][0]:.4f}  "
+        f"({time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
     del tuned, tuned_state
 
     def measure(name: str, budget: str | None, approx: dict[str, torch.Tensor], stored: int, seconds: float) -> dict:
@@ -106,50 +140,61 @@ def main() -> None:
             parameters = dict(base.named_parameters())
             for key, value in base_state.items():
                 parameters[key].copy_(value + approx.get(key, torch.zeros_like(value)))
-        acc = accuracy(base)
-        logits = answer_logits(base)
-        kl = sum(
-            torch.nn.functional.kl_div(m.log_softmax(-1), f.log_softmax(-1), log_target=True, reduction="sum").item()
-            for m, f in zip(logits, reference["ft"], strict=True)
-        ) / sum(f.shape[0] for f in reference["ft"])
+        acc, acc_error = accuracy(base)
+        logits = _answer_logits(base, answers)
+        kl = [_kl(f, m) for f, m in zip(reference["ft"], logits, strict=True)]
+        kl_mean = sum(kl) / len(kl)
+        kl_error = math.sqrt(sum((k - kl_mean) ** 2 for k in kl) / max(1, len(kl) - 1) / len(kl))
         error = math.sqrt(sum(((m - f) ** 2).sum().item() for m, f in zip(logits, reference["ft"], strict=True)))
         error /= math.sqrt(
             sum(((f - b) ** 2).sum().item() for f, b in zip(reference["ft"], reference["base"], strict=True))
         )
-        kept = (acc - scores["base"]) / (scores["finetuned"] - scores["base"])
         row = {
+            "skill": skill,
             "method": name,
             "budget": budget,
             "bytes": stored,
             "ratio": stored / fp16_bytes,
             "accuracy": acc,
-            "retention": kept,
-            "kl": kl,
+            "accuracy_se": acc_error,
+            "retention": (acc - scores["base"][0]) / gain,
+            "retention_se": acc_error / gain,
+            "kl": kl_mean,
+            "kl_se": kl_error,
             "relative_error": error,
             "seconds": seconds,
         }
         print(
-            f"{name:<20} {budget or '-':>5}  ratio {row['ratio']:.4f}  acc {acc:.4f}  retention {kept:6.1%}  "
-            f"KL {kl:.4f}  err {error:.3f}  ({seconds:.0f} s to compress)"
+            f"{skill:<10} {name:<20} {budget or '-':>5}  ratio {row['ratio']:.4f}  acc {acc:.4f}  "
+            f"retention {row['retention']:6.1%}  KL {kl_mean:.3g}±{kl_error:.2g}  err {error:.3f}  "
+            f"({seconds:.0f} s to compress)",
+            flush=True,
         )
         return row
 
     rows = []
     for label, budget in budgets.items():
-        for name, calibrated in (("graft", True), ("graft data-free", False)):
+        for name, calibrated, forms in (
+            ("graft", True, "any"),
+            ("graft data-free", False, "any"),
+            ("graft lowrank", False, "lowrank"),
+        ):
             pack = work / f"{name}-{budget}"
             t0 = time.perf_counter()
-            extract_skillpack(
+            report = extract_skillpack(
                 base_dir,
                 tuned_dir,
                 pack,
                 budget=budget,
+                forms=forms,
                 calibration=calibration if calibrated else None,
                 progress=False,
             )
             seconds = time.perf_counter() - t0
             approx = pack_deltas(_fresh(base, base_state), pack)
-            rows.append(measure(name, label, approx, _folder_bytes(pack), seconds))
+            row = measure(name, label, approx, _folder_bytes(pack), seconds)
+            row["forms"] = _forms_summary(report)
+            rows.append(row)
             shutil.rmtree(pack)
         t0 = time.perf_counter()
         approx, stored = _mergekit_lowrank(base_dir, tuned_dir, delta, budget * fp16_bytes, work)
@@ -157,45 +202,168 @@ def main() -> None:
         t0 = time.perf_counter()
         approx, stored = _dare(delta, budget * fp16_bytes)
         rows.append(measure("DARE", label, approx, stored, time.perf_counter() - t0))
-    for name, method in (
-        ("BitDelta", _bitdelta),
-        ("RTN int4", lambda d: _rtn(d, 4)),
-        ("RTN int2", lambda d: _rtn(d, 2)),
-    ):
+    fixed = [("BitDelta", _bitdelta)] + [(f"RTN int{bits}", lambda d, b=bits: _rtn(d, b)) for bits in (8, 4, 3, 2)]
+    for name, method in fixed:
         t0 = time.perf_counter()
         approx, stored = method(delta)
         rows.append(measure(name, None, approx, stored, time.perf_counter() - t0))
-
-    table_rows = [
-        [
-            r["method"],
-            r["budget"] or "-",
-            f"{r['ratio']:.4f}",
-            r["accuracy"],
-            f"{r['retention']:.1%}",
-            r["kl"],
-            r["relative_error"],
-        ]
-        for r in rows
-    ]
-    header = f"base {scores['base']:.4f}, fine-tune {scores['finetuned']:.4f} on {len(held_out)} held-out questions\n\n"
-    table = header + markdown_table(
-        ["method", "budget", "bytes / fp16 delta", "accuracy", "retention", "KL(ft‖method)", "rel. output error"],
-        table_rows,
-    )
-    suffix = "-quick" if args.quick else ""
-    payload = {
-        "pair": {"base": str(base_dir), "finetuned": str(tuned_dir), "fp16_delta_bytes": fp16_bytes},
+    shutil.rmtree(work, ignore_errors=True)
+    summary = {
+        "recipe": {"task": recipe.task, "options": recipe.options, "steps": recipe.steps},
+        "finetuned": str(tuned_dir),
+        "fp16_delta_bytes": fp16_bytes,
         "held_out": len(held_out),
-        "scores": scores,
-        "rows": rows,
+        "base": scores["base"][0],
+        "finetuned_accuracy": scores["finetuned"][0],
         "seconds": time.perf_counter() - started,
     }
-    write_results("quality", payload, table, suffix)
-    _plot(rows, scores, suffix)
-    print(table)
-    print(f"total {time.perf_counter() - started:.0f} s")
-    shutil.rmtree(work, ignore_errors=True)
+    return rows, summary
+
+
+def _answer_batches(tokenizer, examples, batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor, list]]:
+    """Teacher-forcing batches: right-padded prompt + answer ids, their mask, and each row's answer positions (the
+    logits that predict the answer tokens and the end of turn)."""
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        rows, spans = [], []
+        for example in examples[start : start + batch_size]:
+            prompt = tokenizer(chat_prompt(tokenizer, example.question), add_special_tokens=False)["input_ids"]
+            text = tokenizer(chat_text(tokenizer, example.question, example.answer), add_special_tokens=False)
+            rows.append(text["input_ids"])
+            spans.append((len(prompt) - 1, len(text["input_ids"]) - 1))
+        width = max(len(r) for r in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        batches.append((ids, mask, spans))
+    return batches
+
+
+def _answer_logits(model, batches) -> list[torch.Tensor]:
+    """Per question, the logits at its answer positions (float32)."""
+    out = []
+    with torch.no_grad():
+        for ids, mask, spans in batches:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            out += [logits[row, start:stop].float() for row, (start, stop) in enumerate(spans)]
+    return out
+
+
+def _kl(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """KL(reference ‖ approximation) per token, averaged over one question's answer tokens."""
+    kl = torch.nn.functional.kl_div(
+        approximation.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="sum"
+    )
+    return kl.item() / reference.shape[0]
+
+
+def _forms_summary(report) -> dict[str, int]:
+    """How many modules the plan put in each form (embeddings apart), for the results table."""
+    counts: dict[str, int] = {}
+    for module in report.modules:
+        key = f"embed:{module.form}" if module.role == "embed" else module.form
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _targets(rows: list[dict], summaries: dict) -> list[dict]:
+    """Each stated target, per skill: graft's KL vs the best peer's at equal or larger bytes, retention at 1/32 and
+    1/64, and calibrated vs data-free KL."""
+    found = []
+    for skill in summaries:
+        mine = [r for r in rows if r["skill"] == skill]
+        for graft in (r for r in mine if r["method"] == "graft"):
+            peers = [
+                r
+                for r in mine
+                if r["method"] in PEERS
+                and (r["budget"] == graft["budget"] or (r["budget"] is None and r["ratio"] >= graft["ratio"]))
+            ]
+            best = min(peers, key=lambda r: r["kl"]) if peers else None
+            free = next(r for r in mine if r["method"] == "graft data-free" and r["budget"] == graft["budget"])
+            found.append(
+                {
+                    "skill": skill,
+                    "budget": graft["budget"],
+                    "graft_kl": graft["kl"],
+                    "best_peer": best["method"] if best else None,
+                    "best_peer_ratio": best["ratio"] if best else None,
+                    "best_peer_kl": best["kl"] if best else None,
+                    "kl_ratio": graft["kl"] / best["kl"] if best else None,
+                    "retention": graft["retention"],
+                    "retention_se": graft["retention_se"],
+                    "calibrated_vs_data_free": graft["kl"] / free["kl"],
+                }
+            )
+    return found
+
+
+def _tables(rows: list[dict], summaries: dict, targets: list[dict]) -> str:
+    parts = []
+    for skill, summary in summaries.items():
+        parts.append(
+            f"### {skill}: {summary['recipe']['task']} {summary['recipe']['options']}, "
+            f"{summary['recipe']['steps']}-step fine-tune; base {summary['base']:.4f}, "
+            f"fine-tune {summary['finetuned_accuracy']:.4f} on {summary['held_out']} held-out questions\n"
+        )
+        table_rows = [
+            [
+                r["method"],
+                r["budget"] or "-",
+                f"{r['ratio']:.4f}",
+                f"{r['kl']:.3g} ± {r['kl_se']:.1g}",
+                f"{r['accuracy']:.3f}",
+                f"{r['retention']:.1%} ± {r['retention_se']:.1%}",
+                f"{r['relative_error']:.3g}",
+                ", ".join(f"{k} {v}" for k, v in sorted(r.get("forms", {}).items())),
+            ]
+            for r in rows
+            if r["skill"] == skill
+        ]
+        parts.append(
+            markdown_table(
+                [
+                    "method",
+                    "budget",
+                    "bytes / fp16 delta",
+                    "KL(ft‖method)",
+                    "accuracy",
+                    "retention",
+                    "rel. output error",
+                    "forms (modules)",
+                ],
+                table_rows,
+            )
+        )
+    parts.append("\n### Targets\n")
+    parts.append(
+        markdown_table(
+            [
+                "skill",
+                "budget",
+                "graft KL",
+                "best peer (≥ bytes)",
+                "its KL",
+                "graft / peer (≤ 0.8)",
+                "retention",
+                "calibrated / data-free KL (≤ 0.9)",
+            ],
+            [
+                [
+                    t["skill"],
+                    t["budget"],
+                    f"{t['graft_kl']:.3g}",
+                    f"{t['best_peer']} ({t['best_peer_ratio']:.4f})" if t["best_peer"] else "-",
+                    f"{t['best_peer_kl']:.3g}" if t["best_peer"] else "-",
+                    f"{t['kl_ratio']:.2f}" if t["kl_ratio"] is not None else "-",
+                    f"{t['retention']:.1%} ± {t['retention_se']:.1%}",
+                    f"{t['calibrated_vs_data_free']:.2f}",
+                ]
+                for t in targets
+            ],
+        )
+    )
+    return "\n".join(parts)
 
 
 def _fresh(model, state):
@@ -297,33 +465,36 @@ def _mergekit_lowrank(base_dir, tuned_dir, delta, budget_bytes: float, work: Pat
     return approx, stored
 
 
-def _plot(rows, scores, suffix: str, folder: Path = RESULTS) -> Path:
-    """Retention (the headline) and KL(fine-tune ‖ method) (more sensitive at this sample size) against bytes."""
+def _plot(rows, skills, suffix: str, folder: Path = RESULTS) -> Path:
+    """Per skill, KL(fine-tune ‖ method) (the primary metric) and retention against bytes, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["ratio"], r["retention"], r["kl"]) for r in rows if r["method"] == method)
-        style = "o-" if len(points) > 1 else "s"
-        left.plot([p[0] for p in points], [100 * p[1] for p in points], style, label=method)
-        right.plot([p[0] for p in points], [p[2] for p in points], style, label=method)
-    for axis in (left, right):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("bytes / fp16 delta (log scale)")
-    left.axhline(100, color="grey", lw=0.8, ls="--")
-    left.set_ylabel("accuracy retention (%)")
-    left.set_title("retention vs bytes")
-    right.set_yscale("log")
-    right.set_ylabel("KL(fine-tune ‖ method) per answer token")
-    right.set_title("KL to the fine-tune vs bytes (lower is better)")
-    left.legend(fontsize=8)
-    figure.suptitle("SmolLM2-135M-Instruct, arithmetic fine-tune delta")
+    names = list(dict.fromkeys(r.get("skill", "") for r in rows))
+    figure, axes = plt.subplots(len(names), 2, figsize=(12, 4.5 * len(names)), squeeze=False)
+    for (kl_axis, retention_axis), skill in zip(axes, names, strict=True):
+        mine = [r for r in rows if r.get("skill", "") == skill]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            points = sorted((r["ratio"], r["retention"], r["kl"]) for r in mine if r["method"] == method)
+            style = "o-" if len(points) > 1 else "s"
+            kl_axis.plot([p[0] for p in points], [p[2] for p in points], style, label=method)
+            retention_axis.plot([p[0] for p in points], [100 * p[1] for p in points], style, label=method)
+        for axis in (kl_axis, retention_axis):
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("bytes / fp16 delta (log scale)")
+        kl_axis.set_yscale("log")
+        kl_axis.set_ylabel("KL(fine-tune ‖ method) per answer token")
+        kl_axis.set_title(f"{skill}: KL to the fine-tune vs bytes (lower is better)")
+        retention_axis.axhline(100, color="grey", lw=0.8, ls="--")
+        retention_axis.set_ylabel("accuracy retention (%)")
+        retention_axis.set_title(f"{skill}: retention vs bytes")
+        kl_axis.legend(fontsize=7)
+    figure.suptitle("SmolLM2-135M-Instruct skill deltas: quality per byte")
     figure.tight_layout()
     path = folder / f"retention_vs_bytes{suffix}.png"
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
 

@@ -242,3 +242,12 @@ def test_decoding_rejects_corrupt_tensors_with_pack_format_errors():
         decode_values(shuffled, (10, 10))
     with pytest.raises(PackFormatError, match=r"lie in \[0, 50\)"):
         decode_values(sparse, (5, 10))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_round_trip_is_quantize_then_dequantize(bits):
+    from peft_graft.compress.quantize import round_trip
+
+    matrix = torch.randn(37, 300, generator=torch.Generator().manual_seed(bits)) * 1e-2
+    expected = dequantize_groupwise(quantize_groupwise(matrix, bits, 128))
+    assert torch.equal(round_trip(matrix, bits, 128), expected)

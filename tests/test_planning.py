@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
 from peft_graft.compress import svd as svd_module
+from peft_graft.compress.dense import rounding_errors
 from peft_graft.compress.svd import factorize, spectrum
 from peft_graft.extraction import budget as budget_module
-from peft_graft.extraction.budget import LowRankCandidate, SparseCandidate, plan_budget
-from peft_graft.pack.cost import dense_bytes, direction_bytes
+from peft_graft.extraction.budget import ModuleCandidate, plan_budget
+from peft_graft.pack.cost import dense_bytes, direction_bytes, lowrank_overhead_bytes
 
 
 def _with_spectrum(out_features: int, in_features: int, spectrum: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -127,19 +129,25 @@ def test_factorize_needs_exactly_one_criterion():
         factorize(torch.ones(3, 3), rank=1, energy=0.5)
 
 
-def _candidates() -> tuple[list[LowRankCandidate], list[SparseCandidate]]:
-    lowrank = [
-        LowRankCandidate("model.layers.0.mlp.up_proj", 512, 256, torch.exp(-torch.arange(256.0) / 20)),
-        LowRankCandidate("model.layers.0.self_attn.q_proj", 256, 256, 0.5 * torch.exp(-torch.arange(256.0) / 5)),
+def _lowrank(name: str, out_features: int, in_features: int, values: torch.Tensor, **forms) -> ModuleCandidate:
+    energy = float(values.double().pow(2).sum())
+    return ModuleCandidate(name, out_features, in_features, energy=energy, singular_values=values, **forms)
+
+
+def _candidates() -> list[ModuleCandidate]:
+    magnitudes = torch.linspace(1, 0.01, 20000).pow(2)
+    return [
+        _lowrank("model.layers.0.mlp.up_proj", 512, 256, torch.exp(-torch.arange(256.0) / 20)),
+        _lowrank("model.layers.0.self_attn.q_proj", 256, 256, 0.5 * torch.exp(-torch.arange(256.0) / 5)),
+        ModuleCandidate(
+            "model.embed_tokens", 1000, 256, energy=float(magnitudes.double().sum()), squared_magnitudes=magnitudes
+        ),
     ]
-    sparse = [SparseCandidate("model.embed_tokens", 1000 * 256, torch.linspace(1, 0.01, 20000).pow(2))]
-    return lowrank, sparse
 
 
 @pytest.mark.parametrize("budget", [20_000, 60_000, 200_000])
 def test_the_plan_fits_the_budget_with_monotone_contiguous_bands(budget):
-    lowrank, sparse = _candidates()
-    plan = plan_budget(budget, 1_000, lowrank, sparse, group_size=128)
+    plan = plan_budget(budget, 1_000, _candidates(), group_size=128)
     assert plan.planned_bytes <= budget
     for bits in plan.lowrank.values():
         assert all(a >= b for a, b in itertools.pairwise(bits))
@@ -147,32 +155,80 @@ def test_the_plan_fits_the_budget_with_monotone_contiguous_bands(budget):
 
 
 def test_more_budget_buys_lower_modeled_error():
-    lowrank, sparse = _candidates()
+    candidates = _candidates()
 
     def modeled_error(plan) -> float:
         error = 0.0
-        for candidate in lowrank:
-            bits = plan.lowrank[candidate.name]
-            sigma2 = candidate.singular_values.double().pow(2)
-            kept = sum(float(sigma2[i]) * (1 - 2 * budget_module.QUANT_NOISE[b]) for i, b in enumerate(bits))
-            error += float(sigma2.sum()) - kept
-        for candidate in sparse:
-            error += float(candidate.squared_magnitudes[plan.sparse[candidate.name] :].double().sum())
+        for candidate in candidates:
+            if candidate.singular_values is not None:
+                bits = plan.lowrank.get(candidate.name, [])
+                sigma2 = candidate.singular_values.double().pow(2)
+                kept = sum(float(sigma2[i]) * (1 - 2 * budget_module.QUANT_NOISE[b]) for i, b in enumerate(bits))
+                error += float(sigma2.sum()) - kept
+            else:
+                error += float(candidate.squared_magnitudes[plan.sparse.get(candidate.name, 0) :].double().sum())
         return error
 
-    errors = [modeled_error(plan_budget(b, 0, lowrank, sparse, group_size=128)) for b in (20_000, 60_000, 200_000)]
+    errors = [modeled_error(plan_budget(b, 0, candidates, group_size=128)) for b in (20_000, 60_000, 200_000)]
     assert errors[0] > errors[1] > errors[2]
 
 
 def test_a_module_whose_plan_outgrows_its_dense_delta_is_stored_dense():
     spectrum = torch.ones(16)  # a flat spectrum: every direction is worth the same
-    small = LowRankCandidate("tiny", 16, 16, spectrum)
+    small = _lowrank("tiny", 16, 16, spectrum, dense=True)
     budget = 10 * dense_bytes("tiny", 256)
-    plan = plan_budget(budget, 0, [small], [], group_size=128)
+    plan = plan_budget(budget, 0, [small], group_size=128)
     assert plan.dense == {"tiny"} and plan.lowrank == {}
     assert direction_bytes(16, 16, 8, 128) * 16 > dense_bytes("tiny", 256) / 2
 
 
+def _planted(delta: torch.Tensor, name: str = "model.layers.0.mlp.up_proj") -> ModuleCandidate:
+    """The candidate planning would build for `delta`: its spectrum, energy and measured rounding errors."""
+    return ModuleCandidate(
+        name,
+        *delta.shape,
+        energy=float(delta.double().pow(2).sum()),
+        singular_values=spectrum(delta).values.float(),
+        quantized_errors=rounding_errors(delta, (2, 3, 4, 8), 128),
+        dense=True,
+    )
+
+
+def test_a_full_rank_delta_is_quantized_dense_and_a_low_rank_one_stays_low_rank():
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(512, 512, generator=generator) * 1e-3  # a flat spectrum: no direction is worth much more
+    low_rank = _with_spectrum(512, 512, torch.tensor([4.0, 3.0, 2.0, 1.0])) + 1e-6 * noise
+    budget = dense_bytes("m", 512 * 512) // 4
+    flat_plan = plan_budget(budget, 0, [_planted(noise, "m")], group_size=128)
+    assert flat_plan.form("m") == "quantized" and flat_plan.quantized["m"] in (3, 4)
+    # for equal bytes, the low-rank form would keep about a quarter of the energy; 4 bits keep 99 %
+    low_plan = plan_budget(budget, 0, [_planted(low_rank, "m")], group_size=128)
+    assert low_plan.form("m") == "lowrank" and 4 <= len(low_plan.lowrank["m"]) < 64
+    # between the two, each module takes the form it compresses best in
+    both = plan_budget(2 * budget, 0, [_planted(noise, "flat"), _planted(low_rank, "low")], group_size=128)
+    assert both.form("flat") == "quantized" and both.form("low") == "lowrank"
+
+
+def test_a_profile_without_dense_forms_keeps_the_module_low_rank():
+    noise = torch.randn(512, 512, generator=torch.Generator().manual_seed(0)) * 1e-3
+    candidate = dataclasses.replace(_planted(noise, "m"), quantized_errors={}, dense=False)
+    plan = plan_budget(dense_bytes("m", 512 * 512) // 4, 0, [candidate], group_size=128)
+    assert plan.form("m") == "lowrank" and not plan.quantized and not plan.dense
+
+
 def test_a_budget_below_the_mandatory_bytes_is_refused():
     with pytest.raises(ValueError, match="raise the budget"):
-        plan_budget(100, 1_000, [], [], group_size=128)
+        plan_budget(100, 1_000, [], group_size=128)
+
+
+def test_under_a_hessian_the_plan_keeps_the_directions_worth_most_to_the_output():
+    values = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    weights = torch.tensor([0.01, 1.0, 0.01, 1.0])  # the inputs hardly ever point along v₀ and v₂
+    energy = float((values.pow(2) * weights).sum())
+    weighted = ModuleCandidate("m", 256, 256, energy=energy, singular_values=values, direction_weights=weights)
+    budget = lowrank_overhead_bytes("m", 1) + 2 * direction_bytes(256, 256, 4, 128) + 100  # about two directions
+    plan = plan_budget(budget, 0, [weighted], group_size=128)
+    assert plan.directions["m"] == [1, 3]  # σ²·w = 9 and 1, against 0.16 and 0.04
+    unweighted = dataclasses.replace(weighted, direction_weights=None, energy=float(values.pow(2).sum()))
+    plain = plan_budget(budget, 0, [unweighted], group_size=128)
+    assert len(plain.lowrank["m"]) == 2 and not plain.directions  # the leading two, by singular value

@@ -7,7 +7,9 @@ delta of its bias:
   ``((x·V)·S)·Uᵀ`` and never builds the dense delta;
 * sparse (``graft_values`` at flat row-major ``graft_indices``): embeddings and the output embedding;
 * dense (``graft_values`` alone, in the weight's logical shape): norms, and Linear layers whose factorization would be
-  larger than the dense delta.
+  larger than the dense delta, or that a pack stores group-quantized (the file's form; live tensors are floats).
+
+Embeddings (and a tied output embedding) take the low-rank form too: the forward gathers rows of ``U``.
 
 Live adapter tensors are floats; the packed, quantized form exists only in files. A pack loaded from disk remembers
 its packed tensors, so saving it again unchanged writes the same bytes. When loading, the file decides each module's
@@ -372,6 +374,9 @@ class GraftLinear(nn.Module, GraftLayer):
                 x = self.graft_dropout[adapter](x)
             return ((x @ v) * self.graft_S[adapter]) @ self.graft_U[adapter].T
         parts = self.delta_parts(adapter)
+        if "graft_S" in parts:  # tied to a low-rank embedding delta
+            x = self._cast_input_dtype(x, parts["graft_V"].dtype)
+            return ((x @ parts["graft_V"]) * parts["graft_S"]) @ parts["graft_U"].T
         values = parts["graft_values"]
         x = self._cast_input_dtype(x, values.dtype)
         if self.training:
@@ -436,7 +441,7 @@ class GraftLinear(nn.Module, GraftLayer):
 
 
 class GraftEmbedding(nn.Module, GraftLayer):
-    """``nn.Embedding`` with a sparse (or, while training from zero, dense) delta of its weight."""
+    """``nn.Embedding`` with a sparse, low-rank or (while training from zero) dense delta of its weight."""
 
     prune_on_save = True
 
@@ -461,7 +466,9 @@ class GraftEmbedding(nn.Module, GraftLayer):
 
     def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         parts = self.delta_parts(adapter)
-        if "graft_indices" in parts:
+        if "graft_S" in parts:  # rows of U, then through S·Vᵀ: never the dense delta
+            out = (F.embedding(x, parts["graft_U"]) * parts["graft_S"]) @ parts["graft_V"].T
+        elif "graft_indices" in parts:
             out = _gather_sparse_rows(self, adapter, x)
         else:
             out = F.embedding(x, parts["graft_values"])

@@ -88,6 +88,22 @@ def spectrum(delta: torch.Tensor, top: int | None = None, seed: int = 0) -> Spec
     return _resolved(eigenvalues.flip(0), vectors.flip(1))
 
 
+def gram_spectrum(gram: torch.Tensor) -> Spectrum:
+    """The complete spectrum of a delta from its short side's Gram matrix (e.g. ΔᵀΔ summed over row blocks of a
+    tall delta, which is how an embedding's is found without holding it whole)."""
+    eigenvalues, vectors = torch.linalg.eigh(gram.double())
+    return _resolved(eigenvalues.flip(0), vectors.flip(1))
+
+
+def project_rows(rows: torch.Tensor, known: Spectrum, rank: int) -> torch.Tensor:
+    """The long side's singular vectors for some rows of a tall delta: ``rows · v / σ`` for the first `rank`
+    directions of its `known` spectrum (the short side's vectors are its right ones); unresolved directions are 0."""
+    s = known.values[:rank].to(rows.device, torch.float64)
+    resolved = s > 0
+    long = rows.double() @ known.vectors[:, :rank].to(rows.device, torch.float64)
+    return torch.where(resolved, long / torch.where(resolved, s, torch.ones_like(s)), torch.zeros_like(long)).float()
+
+
 def _sketch_width(top: int, short_side: int) -> int:
     return min(short_side, top + max(10, top // 4))
 

@@ -1,4 +1,5 @@
-"""Compress one module's delta by its role (sparse, low-rank with precision bands, or dense), within a budget plan."""
+"""Compress one module's delta by its role (sparse, low-rank with precision bands, or dense), or in the form a budget
+plan chose for it (low-rank, group-quantized dense, fp16 dense or sparse)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,27 @@ from dataclasses import dataclass
 import torch
 
 from ..compress import MagnitudeHistogram, band_slices
+from ..compress.dense import quantize_dense
 from ..compress.factors import quantize_factors
 from ..compress.gptq import output_error
 from ..compress.lowrank import BandSlice
-from ..compress.svd import Spectrum, factorize, squared_norm
+from ..compress.svd import Spectrum, factorize, project_rows, squared_norm
 from ..config import GraftConfig
 from ..errors import CheckpointMismatchError
 from ..pack import layout
-from ..pack.codec import decode_lowrank, encode_factors, sparse_tensors, tensors_nbytes
+from ..pack.codec import (
+    decode_lowrank,
+    decode_quantized_dense,
+    encode_factors,
+    encode_quantized_dense,
+    sparse_tensors,
+    tensors_nbytes,
+)
 from ..pack.cost import dense_bytes, direction_bytes, lowrank_overhead_bytes
 from .budget import BudgetPlan
 from .delta import DeltaReader
 from .devices import DevicePool
+from .plan import replan_layer
 from .report import ModuleReport
 from .roles import ModuleSpec
 from .staging import Staging
@@ -61,8 +71,14 @@ class Compressor:
         bias_delta = self.deltas.delta(spec.bias) if spec.bias is not None else None
         if bias_delta is not None and not bias_delta.any():
             bias_delta = None
+        form = self.plan.form(spec.name) if self.plan is not None else None
         if spec.role == "embed":
-            item = self._sparse(spec)
+            if form == "lowrank":
+                item = self._lowrank_rows(spec, self.plan.lowrank[spec.name])
+            elif form == "dense":
+                item = self._dense(spec, self.deltas.delta(spec.weight))
+            else:
+                item = self._sparse(spec)
         else:
             weight_delta = self.deltas.delta(spec.weight)
             if spec.kind == "parameter":
@@ -77,6 +93,8 @@ class Compressor:
                 logical = weight_delta.T if spec.transposed else weight_delta
                 if spec.role == "dense" or logical.dim() != 2:
                     item = self._dense(spec, logical)
+                elif form == "quantized":
+                    item = self._quantized(spec, logical, self.plan.quantized[spec.name], hessian)
                 else:
                     item = self._lowrank(spec, logical, hessian)
         if item is None:
@@ -177,6 +195,62 @@ class Compressor:
         )
         return Compressed(tensors, report)
 
+    def _quantized(self, spec, logical, bits: int, hessian) -> Compressed:
+        """The whole delta group-quantized at `bits`: GPTQ on the module's Hessian when calibrated, else RTN."""
+        quantized = quantize_dense(
+            logical, bits, self.config.group_size, hessian=hessian, act_order=self.act_order, damp=self.damp
+        )
+        tensors = encode_quantized_dense(quantized)
+        restored = decode_quantized_dense(tensors, tuple(logical.shape))
+        output = output_error(logical, restored, hessian) if hessian is not None else None
+        error, total = squared_norm(logical, restored), squared_norm(logical)
+        return self._quantized_item(spec, logical.shape, bits, tensors, error, total, output)
+
+    def _quantized_item(self, spec, shape, bits, tensors, error, total, output) -> Compressed:
+        report = ModuleReport(
+            spec.name,
+            spec.role,
+            layout.QUANTIZED,
+            list(shape),
+            bits=bits,
+            bytes=tensors_nbytes(tensors),
+            frobenius_error=math.sqrt(error / total) if total else 0.0,
+            output_error=output,
+        )
+        return Compressed(tensors, report)
+
+    def _lowrank_rows(self, spec, bits: list[int]) -> Compressed:
+        """An embedding's low-rank delta from its complete planning spectrum (right singular vectors), the left ones
+        computed a block of rows at a time, so the delta is never held whole."""
+        known = self.spectra(spec.name)
+        rank = len(bits)
+        u = torch.cat([project_rows(delta, known, rank) for _, delta in self.deltas.row_blocks(spec.weight)])
+        s = known.values[:rank].float().to(u.device)
+        v = known.vectors[:, :rank].float().to(u.device)
+        slices = bit_runs(bits)
+        tensors = encode_factors(quantize_factors(u, s, v, slices, self.config.group_size))
+        u_hat, s_hat, v_hat = decode_lowrank(tensors)
+        error = total = 0.0
+        for start, delta in self.deltas.row_blocks(spec.weight):
+            restored = (u_hat[start : start + delta.shape[0]].to(delta.device) * s_hat.to(delta.device)) @ v_hat.T.to(
+                delta.device
+            )
+            error += squared_norm(delta.float(), restored)
+            total += squared_norm(delta)
+        rows, cols = self.finetuned.shape(spec.weight)
+        report = ModuleReport(
+            spec.name,
+            spec.role,
+            layout.LOWRANK,
+            [rows, cols],
+            rank=rank,
+            bands=[[b.stop - b.start, b.bits] for b in slices],
+            bytes=tensors_nbytes(tensors),
+            frobenius_error=math.sqrt(error / total) if total else 0.0,
+            svd="full",
+        )
+        return Compressed(tensors, report)
+
     def _lowrank(self, spec, logical, hessian) -> Compressed | None:
         out_features, in_features = logical.shape
         if self.plan is not None:
@@ -186,6 +260,10 @@ class Compressor:
             if not bits:
                 return None
             known = self.spectra(spec.name) if self.spectra is not None else None
+            chosen = self.plan.directions.get(spec.name)
+            if known is not None and chosen is not None:  # the directions worth most under H, not the leading ones
+                index = torch.tensor(chosen)
+                known = Spectrum(known.values[index], known.vectors[:, index])
             factors = factorize(logical, rank=len(bits), known=known)
             slices = bit_runs(bits)
         else:
@@ -241,6 +319,9 @@ def compress_unit(
     done = staging.finished(position)
     if done is not None:
         return done
+    primary = compressors.primary
+    if hessians and primary.plan is not None:
+        replan_layer(primary.plan, unit, hessians, primary.deltas, staging, primary.config.group_size)
     items = compressors.map(lambda compressor, spec: compressor.compress(spec, hessians.pop(spec.name, None)), unit)
     kept = {spec.name: item for spec, item in zip(unit, items, strict=True) if item is not None}
     reports = [item.report for item in kept.values()]

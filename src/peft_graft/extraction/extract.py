@@ -145,7 +145,7 @@ def _extract(run: _Run) -> ExtractionReport:
     if run.budget_bytes is not None and plan is None:
         plan = plan_extraction(
             run.specs, DevicePool(run.device_deltas), config, run.budget_bytes, run.grown_rows, staging,
-            options.progress,
+            options.progress, options.forms,
         )  # fmt: skip
         staging.save_plan(plan)
     stages["planning"] = time.perf_counter() - run.started - sum(stages.values())
@@ -187,6 +187,7 @@ def _extract(run: _Run) -> ExtractionReport:
         "finetuned_revision": finetuned_reader.commit or options.finetuned_revision,
         "calibrated": bool(run.texts),
         "budget": options.budget,
+        **({"forms": options.forms} if options.budget is not None else {}),
         "fp16_delta_bytes": run.fp16_delta_bytes,
     }
     report = ExtractionReport(
@@ -242,6 +243,10 @@ def _units(specs: list[ModuleSpec]) -> list[list[ModuleSpec]]:
     return outside + [layers[index] for index in sorted(layers)]
 
 
+# The options that change a pack's bytes, which a resumed run must share with the stopped one.
+_RESUME_OPTIONS = ("budget", "forms", "act_order", "damp", "calibration_samples", "calibration_length", "batch_size")
+
+
 def _fingerprint(base, finetuned, config: GraftConfig, options: ExtractionOptions, device, texts) -> str:
     """What a resumed run must share with the stopped one: inputs, policy, and every setting that changes bytes."""
     return fingerprint_of(
@@ -249,10 +254,7 @@ def _fingerprint(base, finetuned, config: GraftConfig, options: ExtractionOption
             "base": [base.source, base.commit or base.revision],
             "finetuned": [finetuned.source, finetuned.commit or finetuned.revision],
             "config": config.to_dict(),
-            "options": {
-                key: getattr(options, key)
-                for key in ("budget", "act_order", "damp", "calibration_samples", "calibration_length", "batch_size")
-            },
+            "options": {key: getattr(options, key) for key in _RESUME_OPTIONS},
             "device": device.type,
             "calibration": fingerprint_of({"texts": texts}) if texts else None,
         }

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field, fields
 
 from ..errors import BudgetError, GraftConfigError
 
+# Forms a budget plan may give projections (see the field's help).
+FORMS = ("any", "lowrank")
+
 
 @dataclass
 class ExtractionOptions:
@@ -22,6 +25,15 @@ class ExtractionOptions:
             "help": "Pack size as a fraction of the fp16 bytes of the whole delta, in (0, 1], e.g. 0.0625. Ranks, "
             "bits per band and embedding densities are then planned by error reduction per byte, and the "
             "GraftConfig's rank, energy and bands are not used."
+        },
+    )
+    forms: str = field(
+        default="any",
+        metadata={
+            "help": "Which forms a budget plan may give the projections: 'any' (low-rank, group-quantized dense or "
+            "fp16, whichever loses least per byte: the best quality) or 'lowrank' (low-rank only: exportable to LoRA "
+            "for vLLM and other LoRA servers, and stacked in one product per layer in mixed-batch decoding). "
+            "Embeddings take low-rank or sparse forms under both, and dense ones too under 'any'."
         },
     )
     device: str = field(
@@ -70,6 +82,8 @@ class ExtractionOptions:
             raise BudgetError(
                 f"budget must be a fraction in (0, 1] of the fp16 delta, got {self.budget}", budget=self.budget
             )
+        if self.forms not in FORMS:
+            raise GraftConfigError(f"forms must be one of {', '.join(FORMS)}, got {self.forms!r}", field="forms")
         for name in ("calibration_samples", "calibration_length", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

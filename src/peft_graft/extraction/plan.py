@@ -1,25 +1,31 @@
-"""Budget mode's first pass: every module's spectrum (or entry magnitudes), then the greedy allocation.
+"""Budget mode's first pass: what every module's delta offers in each form, then the allocation of the budget.
 
-Each low-rank module starts with a partial spectrum, its `FIRST_DIRECTIONS` leading singular directions (randomized;
-exact where that is most of the short side), cached in the work folder with its vectors for the compression pass, so
-no module is decomposed twice. Where the plan reaches the end of a module's partial spectrum, the direction after it
-might have been bought too: that module's spectrum is recomputed with twice the directions and the budget planned
-again, until every plan stops inside what its spectrum knows. A sparse module keeps at most `EXACT_ENTRIES`
-exact candidates (its largest squared entries); below them a log-spaced histogram stands in for the rest, so the
-planner's memory does not grow with the vocabulary or the budget. Plans are exact whenever the budget buys fewer
-entries than that, as it does for every model up to a few billion parameters at 1/16.
+Each projection (and each embedding, unless the fine-tune grew its vocabulary) offers its low-rank form from a
+partial spectrum, its `FIRST_DIRECTIONS` leading singular directions (randomized; exact where that is most of the short
+side), cached in the work folder with its vectors for the compression pass, so no module is decomposed twice. Where
+a plan takes directions past the end of a module's partial spectrum (it plans with an optimistic guess of the rest),
+that module's spectrum is recomputed with twice the directions and the budget planned again, until every plan stops
+inside what its spectrum knows. An embedding's spectrum is complete, from its Gram matrix summed over row blocks, so
+it is never held whole. With ``forms="any"`` every projection also offers its group-quantized dense form (its
+round-to-nearest error measured at each bit width), and every 2-D delta fp16 storage. Embeddings offer their sparse
+form too: at most `EXACT_ENTRIES` exact candidates (the largest squared entries); below them a log-spaced histogram
+stands in for the rest, so the planner's memory does not grow with the vocabulary or the budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 from tqdm.auto import tqdm
 
 from ..compress import LargestEntries, MagnitudeHistogram
-from ..compress.svd import Spectrum, spectrum
+from ..compress.dense import rounding_errors
+from ..compress.svd import Spectrum, gram_spectrum, spectrum, squared_norm
 from ..config import GraftConfig
 from ..errors import BudgetError
 from ..pack.cost import SPARSE_ENTRY_BYTES, dense_bytes, header_bytes
-from .budget import BudgetPlan, LowRankCandidate, SparseCandidate, plan_budget
+from .budget import BudgetPlan, ModuleCandidate, plan_budget
 from .delta import DeltaReader
 from .devices import DevicePool
 from .roles import ModuleSpec
@@ -27,6 +33,7 @@ from .staging import Staging
 
 EXACT_ENTRIES = 1 << 22
 FIRST_DIRECTIONS = 96  # above the ranks a 1/16 budget buys up to ~1B parameters, so rarely extended
+QUANTIZED_LEVELS = (2, 3, 4, 8)
 
 
 def plan_extraction(
@@ -37,86 +44,96 @@ def plan_extraction(
     grown_rows: dict[str, int],
     staging: Staging,
     progress: bool,
+    forms: str = "any",
 ) -> BudgetPlan:
-    """Spectra and magnitudes of every delta (the spectra spread over the pool's DeltaReaders, one per device), then
-    the greedy allocation of `budget_bytes`."""
+    """Every delta's candidate forms (spread over the pool's DeltaReaders, one per device), then the allocation of
+    `budget_bytes`. ``forms="lowrank"`` keeps projections low-rank (LoRA-exportable); ``"any"`` offers every form."""
     deltas: DeltaReader = readers.primary
-    base, finetuned = deltas.base, deltas.finetuned
+    base = deltas.base
     # no sparse module can keep more entries than the whole budget buys
     affordable_entries = budget_bytes // SPARSE_ENTRY_BYTES
     mandatory = 0
-    matrices, sparse = [], []
+    matrices = []
     for spec in specs:
         if spec.role == "skip":
             continue
         if spec.bias is not None and deltas.delta(spec.bias).any():
             mandatory += 2 * base.numel(spec.bias) + header_bytes(spec.name, 1)
-        if spec.role != "embed":
-            matrices.append(spec)
-            continue
-        rows, cols = finetuned.shape(spec.weight)
-        head_rows = grown_rows.get(spec.name, rows)
-        if head_rows < rows:
-            mandatory += 2 * (rows - head_rows) * cols + header_bytes(spec.name, 2)
-        candidate = _sparse_candidate(spec, deltas, head_rows, cols, affordable_entries)
-        if candidate is not None:
-            sparse.append(candidate)
+        if spec.role == "embed":
+            rows, cols = deltas.finetuned.shape(spec.weight)
+            head_rows = grown_rows.get(spec.name, rows)
+            if head_rows < rows:
+                mandatory += 2 * (rows - head_rows) * cols + header_bytes(spec.name, 2)
+        matrices.append(spec)
 
     bar = tqdm(total=len(matrices), desc="planning budget", unit="module", disable=not progress)
 
-    def survey(reader: DeltaReader, spec: ModuleSpec) -> LowRankCandidate | int:
-        """The module's candidate, or the dense bytes it needs (0 when its delta is zero)."""
+    def survey(reader: DeltaReader, spec: ModuleSpec) -> ModuleCandidate | int | None:
+        """The module's candidate, the dense bytes it needs (a norm), or None when its delta is zero."""
         try:
-            cached = staging.vectors(spec.name)
-            if cached is not None:
-                return LowRankCandidate(spec.name, *reader.logical_shape(spec), cached[1].float())
+            if spec.role == "embed":
+                return _embedding_candidate(spec, reader, config, grown_rows, affordable_entries, staging, forms)
             delta = reader.delta(spec.weight)
             if not delta.any():
-                return 0
+                return None
             logical = delta.T if spec.transposed else delta
             if spec.role == "dense" or logical.dim() != 2:
                 return dense_bytes(spec.name, logical.numel())
-            return _lowrank_candidate(spec, logical, FIRST_DIRECTIONS, staging)
+            known = cached_spectrum(staging, spec.name)
+            if known is None:
+                known = _cached(spec, staging, spectrum(logical, top=FIRST_DIRECTIONS))
+            return ModuleCandidate(
+                spec.name,
+                *logical.shape,
+                energy=squared_norm(logical),
+                singular_values=known.values.float().cpu(),
+                spectrum_complete=known.complete,
+                quantized_errors=_rounding_errors(logical, config.group_size, forms),
+                dense=forms == "any",
+            )
         finally:
             bar.update()
 
-    lowrank = []
+    candidates = []
     with bar:
         for found in readers.map(survey, matrices):
-            if isinstance(found, LowRankCandidate):
-                lowrank.append(found)
-            else:
+            if isinstance(found, ModuleCandidate):
+                candidates.append(found)
+            elif found is not None:
                 mandatory += found
     specs_by_name = {spec.name: spec for spec in specs}
 
-    def extended(reader: DeltaReader, candidate: LowRankCandidate) -> LowRankCandidate:
+    def extended(reader: DeltaReader, candidate: ModuleCandidate) -> ModuleCandidate:
         spec = specs_by_name[candidate.name]
         delta = reader.delta(spec.weight)
         logical = delta.T if spec.transposed else delta
-        return _lowrank_candidate(spec, logical, 2 * candidate.singular_values.numel(), staging)
+        wider = _cached(spec, staging, spectrum(logical, top=2 * candidate.singular_values.numel()))
+        return dataclasses.replace(
+            candidate, singular_values=wider.values.float().cpu(), spectrum_complete=wider.complete
+        )
 
     while True:
         try:
-            plan = plan_budget(budget_bytes, mandatory, lowrank, sparse, config.group_size)
+            plan = plan_budget(budget_bytes, mandatory, candidates, config.group_size)
         except ValueError as error:
             raise BudgetError(str(error)) from error
         short = {
             candidate.name
-            for candidate in lowrank
-            if len(plan.lowrank.get(candidate.name, ())) >= candidate.singular_values.numel()
-            and candidate.singular_values.numel() < min(candidate.out_features, candidate.in_features)
+            for candidate in candidates
+            if not candidate.spectrum_complete
+            and len(plan.lowrank.get(candidate.name, ())) > candidate.singular_values.numel()
         }
         if not short:
+            plan.forms = forms
             return plan
-        wider = iter(readers.map(extended, [candidate for candidate in lowrank if candidate.name in short]))
-        lowrank = [next(wider) if candidate.name in short else candidate for candidate in lowrank]
+        wider = iter(readers.map(extended, [candidate for candidate in candidates if candidate.name in short]))
+        candidates = [next(wider) if candidate.name in short else candidate for candidate in candidates]
 
 
-def _lowrank_candidate(spec: ModuleSpec, logical, directions: int, staging: Staging) -> LowRankCandidate:
-    """A module's leading `directions` (all of them where that is most of its short side), cached for compression."""
-    found = spectrum(logical, top=directions)
+def _cached(spec: ModuleSpec, staging: Staging, found: Spectrum) -> Spectrum:
+    """Cache a module's spectrum (its vectors too) for the compression pass."""
     staging.save_vectors(spec.name, found.vectors.float(), found.values)
-    return LowRankCandidate(spec.name, logical.shape[0], logical.shape[1], found.values.float().cpu())
+    return found
 
 
 def cached_spectrum(staging: Staging, name: str) -> Spectrum | None:
@@ -125,22 +142,143 @@ def cached_spectrum(staging: Staging, name: str) -> Spectrum | None:
     return None if cached is None else Spectrum(cached[1], cached[0])
 
 
-def _sparse_candidate(
-    spec: ModuleSpec, deltas: DeltaReader, head_rows: int, cols: int, affordable_entries: int
-) -> SparseCandidate | None:
+def _embedding_candidate(
+    spec: ModuleSpec,
+    deltas: DeltaReader,
+    config: GraftConfig,
+    grown_rows: dict[str, int],
+    affordable_entries: int,
+    staging: Staging,
+    forms: str,
+) -> ModuleCandidate | None:
+    """An embedding's (or output embedding's) forms, in one streaming pass over row blocks: its sparse form always;
+    its low-rank (complete spectrum from ΔᵀΔ) and dense forms unless the fine-tune added rows (those are stored whole,
+    beside a sparse delta of the others). No quantized form: measuring its rounding error over a whole vocabulary
+    costs more than the rest of planning (25 s of 50 at 135M), and an embedding's delta is either a few rows
+    (sparse) or a few directions (low-rank: softmax pushes every output row along the same hidden states)."""
+    rows, cols = deltas.finetuned.shape(spec.weight)
+    head_rows = grown_rows.get(spec.name, rows)
+    whole = head_rows == rows
     exact = min(affordable_entries, EXACT_ENTRIES)
     largest = LargestEntries(exact, positions=False)
     histogram = MagnitudeHistogram() if affordable_entries > exact else None
+    known = cached_spectrum(staging, spec.name) if whole else None
+    gram = torch.zeros(cols, cols, dtype=torch.float64) if whole and known is None else None
+    energy = 0.0
     for start, delta in deltas.row_blocks(spec.weight):
-        squared = delta[: max(0, head_rows - start)].reshape(-1).pow(2)
+        head = delta[: max(0, head_rows - start)]
+        squared = head.reshape(-1).pow(2)
+        energy += float(squared.double().sum())
         largest.add(squared)
         if histogram is not None:
             histogram.add(squared)
-    squared = largest.result()[1].sort(descending=True).values.cpu()
-    if not squared.numel():
+        if gram is not None and head.numel():
+            block = head.double()
+            gram += (block.T @ block).to(gram.device)
+    if energy == 0.0:
         return None
+    squared = largest.result()[1].sort(descending=True).values.cpu()
     tail: tuple[tuple[int, float], ...] = ()
     if histogram is not None and squared.numel() == exact:
         histogram.add(squared, sign=-1.0)  # what the exact part holds is not tail
         tail = tuple(histogram.descending())
-    return SparseCandidate(spec.name, head_rows * cols, squared, tail)
+    if gram is not None:
+        known = _cached(spec, staging, gram_spectrum(gram))
+    return ModuleCandidate(
+        spec.name,
+        head_rows,
+        cols,
+        energy=energy,
+        singular_values=known.values.float().cpu() if known is not None else None,
+        dense=whole and forms == "any",
+        squared_magnitudes=squared,
+        sparse_tail=tail,
+    )
+
+
+def replan_layer(
+    plan: BudgetPlan,
+    unit: list[ModuleSpec],
+    hessians: dict[str, torch.Tensor],
+    deltas: DeltaReader,
+    staging: Staging,
+    group_size: int,
+) -> None:
+    """Calibrated: re-divide what `plan` gives a decoder layer's projections among them by output error
+    ``‖(Δ − Δ̂)X‖²`` through each one's Hessian ``H = XᵀX``, instead of Frobenius error; updates `plan` in place.
+
+    A direction's value becomes ``σᵢ²·vᵢᵀHvᵢ`` and a quantized form's error its rounding error under H. Each module's
+    H is scaled so that its delta's output energy ``tr(ΔHΔᵀ)`` equals its Frobenius energy ``‖Δ‖²``: the modules'
+    shares of the layer stay comparable as in the data-free plan (their outputs feed different places, at different
+    scales), while H decides which directions, bits and form each one keeps. The layer's bytes do not change, so the
+    pack stays within the budget. Directions are chosen among those the global plan's spectra found (as many as its
+    Frobenius plan needed, and at least `FIRST_DIRECTIONS`): no SVD runs during the walk.
+    """
+    candidates, layer_bytes = [], 0
+    for spec in unit:
+        hessian = hessians.get(spec.name)
+        if hessian is None or spec.role not in ("attn", "mlp") or plan.form(spec.name) is None:
+            continue
+        delta = deltas.delta(spec.weight)
+        logical = (delta.T if spec.transposed else delta).float()
+        energy = squared_norm(logical)
+        if logical.dim() != 2 or energy == 0.0:
+            continue
+        hessian = hessian.to(logical.device, torch.float32)
+        output_energy = float(((logical @ hessian) * logical).double().sum())
+        if not output_energy > 0.0:
+            continue
+        hessian = hessian * (energy / output_energy)
+        layer_bytes += plan.module_bytes(spec.name, *logical.shape, group_size)
+        candidates.append(_weighted_candidate(spec, logical, hessian, energy, staging, group_size, plan.forms))
+    if not candidates:
+        return
+    layer_plan = plan_budget(layer_bytes, 0, candidates, group_size)
+    for candidate in candidates:
+        name = candidate.name
+        plan.lowrank.pop(name, None)
+        plan.quantized.pop(name, None)
+        plan.directions.pop(name, None)
+        plan.dense.discard(name)
+        if name in layer_plan.lowrank:
+            plan.lowrank[name] = layer_plan.lowrank[name]
+        if name in layer_plan.directions:
+            plan.directions[name] = layer_plan.directions[name]
+        if name in layer_plan.quantized:
+            plan.quantized[name] = layer_plan.quantized[name]
+        if name in layer_plan.dense:
+            plan.dense.add(name)
+
+
+def _weighted_candidate(spec, logical, hessian, energy, staging, group_size, forms) -> ModuleCandidate:
+    known = cached_spectrum(staging, spec.name)
+    if known is None:
+        known = _cached(spec, staging, spectrum(logical, top=FIRST_DIRECTIONS))
+    return ModuleCandidate(
+        spec.name,
+        *logical.shape,
+        energy=energy,
+        singular_values=known.values.float().cpu(),
+        spectrum_complete=True,  # no guess past what planning learned: the walk computes no more spectra
+        direction_weights=_direction_weights(logical, known, hessian),
+        quantized_errors=_rounding_errors(logical, group_size, forms, hessian),
+        dense=forms == "any",
+    )
+
+
+def _rounding_errors(logical, group_size: int, forms: str, hessian=None) -> dict[int, float]:
+    """The quantized form's error at each bit width, where the profile offers that form."""
+    return rounding_errors(logical, QUANTIZED_LEVELS, group_size, weight=hessian) if forms == "any" else {}
+
+
+def _direction_weights(logical: torch.Tensor, known: Spectrum, hessian: torch.Tensor) -> torch.Tensor:
+    """``vᵢᵀHvᵢ`` of each known direction's right singular vector (the cached vectors are the short side's: right
+    ones for a tall delta, left ones otherwise, whose right ones are ``Δᵀuᵢ/σᵢ``)."""
+    vectors = known.vectors.to(logical.device, torch.float32)
+    values = known.values.to(logical.device, torch.float32)
+    if logical.shape[0] > logical.shape[1]:
+        right = vectors
+    else:
+        right = (logical.T @ vectors) / torch.where(values > 0, values, torch.ones_like(values))
+    weights = ((hessian @ right) * right).sum(0)
+    return torch.where(values > 0, weights, torch.ones_like(weights)).clamp(min=0.0).cpu()

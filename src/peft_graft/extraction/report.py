@@ -14,11 +14,12 @@ from ..pack.folder import PackFolder
 class ModuleReport:
     name: str
     role: str
-    form: str  # pack.layout.LOWRANK, SPARSE, DENSE or BIAS
+    form: str  # pack.layout.LOWRANK, SPARSE, DENSE, QUANTIZED or BIAS
     shape: list[int]
     rank: int | None = None
     bands: list[list[int]] | None = None  # [[n_directions, bits], ...]
     density: float | None = None
+    bits: int | None = None  # the quantized form's bit width
     bytes: int = 0
     frobenius_error: float = 0.0  # ‖Δ − Δ̂‖ / ‖Δ‖
     output_error: float | None = None  # ‖(Δ − Δ̂)X‖ / ‖ΔX‖ on the calibration inputs

@@ -121,7 +121,10 @@ class Staging:
             lowrank={name: list(bits) for name, bits in data["lowrank"].items()},
             dense=set(data["dense"]),
             sparse=dict(data["sparse"]),
+            quantized=dict(data.get("quantized", {})),
+            directions={name: list(order) for name, order in data.get("directions", {}).items()},
             planned_bytes=data["planned_bytes"],
+            forms=data.get("forms", "any"),
         )
 
     def save_plan(self, plan: BudgetPlan) -> None:
@@ -129,7 +132,10 @@ class Staging:
             "lowrank": plan.lowrank,
             "dense": sorted(plan.dense),
             "sparse": plan.sparse,
+            "quantized": plan.quantized,
+            "directions": plan.directions,
             "planned_bytes": plan.planned_bytes,
+            "forms": plan.forms,
         }
         write_file(self.path / _PLAN, json.dumps(data) + "\n")
 

@@ -2,9 +2,10 @@
 
 Each low-rank module ``Δ = U·diag(S)·Vᵀ`` becomes ``lora_A = Vᵀ`` and ``lora_B = U·diag(S)`` at the module's own rank,
 with ``lora_alpha = r`` so the LoRA scaling is 1: the exported adapter computes the dequantized pack delta exactly.
-The other parts of a pack (sparse embedding / ``lm_head`` deltas, dense deltas, norm and bias deltas) have no LoRA
-form those servers accept: they are dropped with a warning, or, given the base model, merged into a copy of it that
-the LoRA is then served on.
+The other parts of a pack (embedding / ``lm_head`` deltas in any form, dense deltas, norm and bias deltas) have no
+LoRA form those servers accept: they are dropped with a warning, or, given the base model, merged into a copy of it
+that the LoRA is then served on. Projections stored as group-quantized dense deltas (``forms="any"`` packs) are refused
+unless they are merged that way: dropping them would drop much of the skill.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import ExportError
-from ..pack.codec import decode_lowrank
+from ..pack.codec import QUANTIZED_PREFIX, decode_lowrank
 from ..pack.folder import PackFolder, is_adapter_folder
 from ..pack.layout import ADAPTER_WEIGHTS, PEFT_PREFIX, TOKENIZER_CONFIG
 from ..utils.atomic import is_model_folder, write_folder
@@ -75,11 +76,21 @@ def export_lora(
     config = folder.config
     by_module = folder.modules()
 
+    quantized = sorted(m for m, tensors in by_module.items() if any(k.startswith(QUANTIZED_PREFIX) for k in tensors))
+    if quantized and merged_base_dir is None:
+        raise ExportError(
+            f"{pack} stores {len(quantized)} projection(s) as group-quantized dense deltas ({', '.join(quantized[:3])}"
+            f"{', ...' if len(quantized) > 3 else ''}), which have no LoRA form: dropping them would lose the skill. "
+            "Extract a LoRA-exportable pack with forms='lowrank' (peft-graft extract --forms lowrank), or pass base= "
+            "and merged_base_dir= (--base / --merged-base) to merge them into a copy of the base."
+        )
+    # embeddings have no LoRA form those servers accept, whatever their form in the pack
+    embeddings = {m["name"] for m in (folder.report or {}).get("modules", []) if m.get("role") == "embed"}
     lora: dict[str, torch.Tensor] = {}
     report = LoraExport(str(output_dir))
     for module, tensors in sorted(by_module.items()):
         lowrank = {k: t for k, t in tensors.items() if k != "graft_bias"}
-        if "graft_S" not in lowrank:
+        if "graft_S" not in lowrank or module in embeddings:
             report.dropped.append(module)
             continue
         u, s, v = decode_lowrank(lowrank, torch.float32)

@@ -21,8 +21,16 @@ A sparse module (embedding or lm_head) is stored as::
     graft_rows_start         int64 [first added row]
 
 A dense module delta (norm weights, or a Linear whose factorization would be larger) is ``graft_values`` in the
-weight's logical shape, float16; sparse deltas also fall back to it when it is smaller. A bias delta is
-``graft_bias``, float16.
+weight's logical shape, float16; sparse deltas also fall back to it when it is smaller.
+
+A dense delta quantized group-wise (the "quantized" form, for deltas without a useful low-rank structure) is::
+
+    graft_Q_codes            uint8, bit-packed           the (out_features, in_features) delta's codes, row-major
+    graft_Q_scales           float16 (out, groups)       one scale per row and group of `group_size` columns
+    graft_Q_zeros            uint8, bit-packed           one integer zero point per row and group
+    graft_Q_qmeta            int32 [out, in, bits, group_size]
+
+It decodes to a dense float delta; it has no LoRA form. A bias delta is ``graft_bias``, float16.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from ..config import STORAGE_BITS
 from ..errors import PackFormatError
 
 LOWRANK_FACTORS = ("graft_U", "graft_V")
+QUANTIZED_PREFIX = "graft_Q"
+_QUANTIZED_KEY = re.compile(r"^graft_Q_(codes|scales|zeros|qmeta)$")
 _BAND_KEY = re.compile(r"^(graft_U|graft_V)\.b(\d+)_(codes|scales|zeros|qmeta|fp16)$")
 # The one dtype each stored tensor has (graft_indices: int32, or int64 past 2**31 entries). Anything else is refused:
 # reading float16 bytes as bfloat16 (same size, same header otherwise) would load different values silently.
@@ -143,6 +153,30 @@ def decode_lowrank(
             f"inconsistent ranks: graft_U has {u.shape[1]} directions, graft_V {v.shape[1]}, graft_S {s.shape[0]}"
         )
     return u.to(dtype), s.to(dtype), v.to(dtype)
+
+
+def encode_quantized_dense(quantized: GroupQuantized) -> dict[str, torch.Tensor]:
+    """Lay out a group-quantized dense delta (out_features, in_features) as pack tensors."""
+    return encode_quantized_rows(QUANTIZED_PREFIX, quantized)
+
+
+def decode_quantized_dense(tensors: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """Decode :func:`encode_quantized_dense` output into a float32 matrix of the module's logical `shape`."""
+    parts = {}
+    for key, tensor in tensors.items():
+        match = _QUANTIZED_KEY.match(key)
+        if match is None:
+            raise PackFormatError(f"unexpected tensor {key!r} in a quantized dense delta")
+        parts[match.group(1)] = _stored(key, tensor, match.group(1))
+    if set(parts) != {"codes", "scales", "zeros", "qmeta"}:
+        raise PackFormatError(f"a quantized dense delta needs graft_Q_codes/scales/zeros/qmeta; got {sorted(tensors)}")
+    meta = parts["qmeta"]
+    if len(shape) != 2 or meta.shape != (4,) or tuple(int(x) for x in meta[:2]) != tuple(shape):
+        raise PackFormatError(
+            f"graft_Q_qmeta {meta.tolist()} does not describe the module's {tuple(shape)} delta; the pack must belong "
+            "to this base model"
+        )
+    return decode_rows(QUANTIZED_PREFIX, parts)
 
 
 def decode_rows(prefix: str, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -308,18 +342,21 @@ def decode_module(
     """Decode :func:`encode_module` output for a layer whose weight has logical `shape` (see :func:`decode_values`
     for `rows_before_growth`)."""
     lowrank = {k: t for k, t in tensors.items() if k == "graft_S" or k.startswith(LOWRANK_FACTORS)}
+    quantized = {k: t for k, t in tensors.items() if k.startswith(f"{QUANTIZED_PREFIX}_")}
     values_keys = {"graft_values", "graft_indices", "graft_rows", "graft_rows_start"}
     values = {k: t for k, t in tensors.items() if k in values_keys}
-    unexpected = set(tensors) - set(lowrank) - set(values) - {"graft_bias"}
+    unexpected = set(tensors) - set(lowrank) - set(quantized) - set(values) - {"graft_bias"}
     if unexpected:
         raise PackFormatError(f"unexpected tensors {sorted(unexpected)}")
-    if lowrank and values:
-        raise PackFormatError("a module holds both a low-rank and a values delta")
+    if sum(map(bool, (lowrank, quantized, values))) > 1:
+        raise PackFormatError("a module holds more than one form of delta (low-rank, quantized dense, values)")
     decoded: dict[str, torch.Tensor] = {}
     dense_rows_from = None
     if lowrank:
         u, s, v = decode_lowrank(lowrank, dtype)
         decoded.update(graft_U=u, graft_S=s, graft_V=v)
+    elif quantized:
+        decoded["graft_values"] = decode_quantized_dense(quantized, shape).to(dtype)
     elif values:
         delta_values, indices, dense_rows_from = decode_values(values, shape, dtype, rows_before_growth)
         decoded["graft_values"] = delta_values

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from ..compress import packed_nbytes
 from .layout import PEFT_PREFIX
 
 # Upper bound on a safetensors header entry beyond the key itself: JSON punctuation, dtype, a shape of up to two
@@ -38,6 +39,12 @@ def lowrank_overhead_bytes(name: str, bands: int) -> int:
 def band_overhead_bytes(name: str) -> int:
     """Headers of one band's eight tensors (codes, scales, zeros, qmeta of U and V) and its two int32 headers."""
     return header_bytes(name, 8) + 32
+
+
+def quantized_dense_bytes(name: str, rows: int, cols: int, bits: int, group_size: int) -> int:
+    """A dense delta group-quantized at `bits` (codes, fp16 scales and packed zeros per row and group, qmeta)."""
+    groups = rows * math.ceil(cols / group_size)
+    return packed_nbytes(rows * cols, bits) + 2 * groups + packed_nbytes(groups, bits) + 16 + header_bytes(name, 4)
 
 
 def dense_bytes(name: str, numel: int) -> int:

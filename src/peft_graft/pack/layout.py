@@ -49,7 +49,7 @@ PEFT_PREFIX = "base_model.model."
 """What PEFT puts before module names in an adapter file."""
 
 # Forms of a module's delta, as graft_report.json names them.
-LOWRANK, SPARSE, DENSE, BIAS = "lowrank", "sparse", "dense", "bias"
+LOWRANK, SPARSE, DENSE, QUANTIZED, BIAS = "lowrank", "sparse", "dense", "quantized", "bias"
 
 
 def pack_key(module_name: str, relative_key: str) -> str:

@@ -1,0 +1,145 @@
+"""The forms a budget plan chooses between: group-quantized dense deltas and low-rank embeddings, end to end (codec,
+extraction, PEFT forward, merge, mixed batches, re-save, LoRA export), and the `forms` serving profile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from peft_graft import BASE_ADAPTER, extract_skillpack
+from peft_graft.compress.dense import quantize_dense
+from peft_graft.errors import ExportError, GraftConfigError, PackFormatError
+from peft_graft.ops import export_lora
+from peft_graft.pack.codec import decode_module, encode_quantized_dense
+
+from fine_tunes import build, plant_delta
+from tiny_models import tiny_tokenizer, token_batch
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_a_quantized_dense_delta_round_trips_within_half_a_step(bits):
+    delta = torch.randn(70, 300, generator=torch.Generator().manual_seed(bits)) * 1e-2  # a partial last group
+    quantized = quantize_dense(delta, bits, 128)
+    decoded = decode_module(encode_quantized_dense(quantized), (70, 300)).tensors["graft_values"]
+    assert decoded.shape == (70, 300)
+    step = quantized.scales.float()[:, torch.arange(300) // 128]
+    assert bool(((decoded - delta).abs() <= step / 2 + 1e-7).all())
+    assert float((decoded - delta).norm() / delta.norm()) < {2: 0.6, 3: 0.25, 4: 0.12, 8: 0.01}[bits]
+    with pytest.raises(PackFormatError, match="must belong to this base model"):
+        decode_module(encode_quantized_dense(quantized), (300, 70))
+
+
+def _pair(tmp_path, arch: str = "llama", noise: float = 2e-2, mlp_noise: float = 0.0):
+    """A base and a fine-tune whose projection deltas are mostly full-rank noise (a full fine-tune's, not LoRA's),
+    or low-rank with full-rank MLP deltas (`noise` small, `mlp_noise` large)."""
+    base_dir, tuned_dir = tmp_path / "base", tmp_path / "tuned"
+    build(arch).save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    tuned = build(arch)
+    plant_delta(tuned, rank=4, noise=noise)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in tuned.named_parameters():
+            if ".mlp." in name:
+                parameter += mlp_noise * torch.randn(parameter.shape, generator=generator)
+    tuned.save_pretrained(tuned_dir)
+    return base_dir, tuned_dir
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(token_batch()).logits
+
+
+def test_a_full_rank_fine_tune_is_quantized_dense_and_served_unmerged_merged_and_in_mixed_batches(tmp_path):
+    base_dir, tuned_dir = _pair(tmp_path)
+    packs = {}
+    for forms in ("any", "lowrank"):
+        report = extract_skillpack(base_dir, tuned_dir, tmp_path / forms, budget=1 / 4, forms=forms, progress=False)
+        packs[forms] = {m.name: m for m in report.modules}
+        assert report.ratio <= 0.25
+    projections = {name: m for name, m in packs["any"].items() if m.role in ("attn", "mlp")}
+    assert {m.form for m in projections.values()} == {"quantized"}  # 3-4 bits keep far more than rank r at 1/4
+    assert all(m.form == "lowrank" for m in packs["lowrank"].values() if m.role in ("attn", "mlp"))
+    assert all(m.frobenius_error < 0.25 for m in projections.values())  # 3-4 bits: ~0.2 and ~0.1
+
+    tuned = _logits(AutoModelForCausalLM.from_pretrained(tuned_dir))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "any", "any")
+    model.load_adapter(tmp_path / "lowrank", "lowrank")
+    model.eval()
+    model.set_adapter("any")
+    unmerged = _logits(model)
+    model.set_adapter("lowrank")
+    lowrank = _logits(model)
+    # at the same budget the quantized pack is much closer to the fine-tune
+    assert (unmerged - tuned).norm() < 0.7 * (lowrank - tuned).norm()  # measured 0.51
+    ids = token_batch(batch=3)
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=["any", "lowrank", BASE_ADAPTER]).logits
+        model.set_adapter("any")
+        alone = model(ids[:1]).logits
+        model.merge_adapter()
+        merged = _logits(model)
+        model.unmerge_adapter()
+    torch.testing.assert_close(mixed[:1], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+
+
+def test_a_quantized_pack_resaves_byte_identically(tmp_path):
+    base_dir, tuned_dir = _pair(tmp_path)
+    extract_skillpack(base_dir, tuned_dir, tmp_path / "pack", budget=1 / 4, progress=False)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "pack")
+    model.save_pretrained(tmp_path / "again")
+    original = (tmp_path / "pack" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == original
+
+
+def test_lora_export_refuses_quantized_projections_unless_merged_and_takes_a_lowrank_profile_pack(tmp_path):
+    base_dir, tuned_dir = _pair(tmp_path, noise=5e-4, mlp_noise=5e-2)  # low-rank attention, full-rank MLP deltas
+    report = extract_skillpack(base_dir, tuned_dir, tmp_path / "any", budget=1 / 4, progress=False)
+    forms = {m.name: m.form for m in report.modules}
+    assert "quantized" in {forms[n] for n in forms if ".mlp." in n}
+    assert {forms[n] for n in forms if ".self_attn." in n} == {"lowrank"}
+    with pytest.raises(ExportError, match="forms='lowrank'"):
+        export_lora(tmp_path / "any", tmp_path / "lora-any")
+    assert not (tmp_path / "lora-any").exists()
+    merged = export_lora(tmp_path / "any", tmp_path / "lora", base=base_dir, merged_base_dir=tmp_path / "merged")
+    assert any("mlp" in name for name in merged.merged)
+    pack = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "any").eval()
+    served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), tmp_path / "lora")
+    torch.testing.assert_close(_logits(served.eval()), _logits(pack), rtol=1e-4, atol=1e-4)
+
+    extract_skillpack(base_dir, tuned_dir, tmp_path / "low", budget=1 / 4, forms="lowrank", progress=False)
+    exported = export_lora(tmp_path / "low", tmp_path / "lora-low")
+    assert all(name.endswith("_proj") for name in exported.lora_modules)
+    assert all("proj" not in name for name in exported.dropped)  # only embeddings and norms lack a LoRA form
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"], ids=["untied", "tied"])
+def test_an_embedding_delta_of_few_directions_is_packed_low_rank_and_served_without_building_it(arch, tmp_path):
+    base_dir, tuned_dir = _pair(tmp_path, arch, noise=5e-4)  # eight changed embedding rows: a rank-8 delta
+    report = extract_skillpack(base_dir, tuned_dir, tmp_path / "pack", budget=1 / 8, progress=False)
+    embeddings = [m for m in report.modules if m.role == "embed"]
+    assert embeddings and all(m.form == "lowrank" and m.rank <= 8 for m in embeddings)
+    assert all(m.frobenius_error < 0.05 for m in embeddings)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "pack").eval()
+    unmerged = _logits(model)
+    with torch.no_grad():
+        mixed = model(token_batch(batch=2), adapter_names=["default", BASE_ADAPTER]).logits
+        model.merge_adapter()
+        merged = _logits(model)
+        model.unmerge_adapter()
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed[:1], unmerged[:1], rtol=1e-4, atol=1e-4)
+    base = _logits(AutoModelForCausalLM.from_pretrained(base_dir))
+    torch.testing.assert_close(mixed[1:], base[1:2], rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_profile_is_refused_before_anything_is_read(tmp_path):
+    with pytest.raises(GraftConfigError, match="forms must be one of any, lowrank"):
+        extract_skillpack(tmp_path / "nothing", tmp_path / "nothing", tmp_path / "out", budget=0.1, forms="dense")
+    assert not (tmp_path / "out").exists()
