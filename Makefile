@@ -65,7 +65,8 @@ bench-quick: $(UV)
 	$(BIN)/python benchmarks/scale.py --quick
 	$(BIN)/python benchmarks/inference.py --quick
 
-## make bench: the full benchmarks (all budgets, 300 prompts, four model sizes; 38 min on 2 CPU cores)
+## make bench: the full benchmarks (quality: two skills, six budgets, 500 questions; cost, inference). On 2 CPU
+## cores the quality run alone takes about 45 min per skill, plus about 25 min per skill to train its fine-tune once
 bench: $(UV)
 	$(call sync,test demo bench,smollm2)
 	$(BIN)/python benchmarks/quality.py

@@ -69,15 +69,20 @@ PEERS = ("lowrank (mergekit)", "DARE", "BitDelta", "RTN int8", "RTN int4", "RTN 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="arithmetic at 1/16 and 1/64, 200 prompts (~6 minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="arithmetic at 1/16 and 1/64, KL on 200 questions, accuracy on 100"
+    )
     parser.add_argument("--skills", help=f"comma-separated, from {', '.join(SKILLS)} (default: all; quick: arithmetic)")
     parser.add_argument("--prompts", type=int, help="held-out questions per skill (default: 500, quick: 200)")
+    parser.add_argument(
+        "--accuracy-prompts", type=int, help="of those, how many are also answered by generation (default: all)"
+    )
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved results")
     args = parser.parse_args()
     suffix = "-quick" if args.quick else ""
     if args.plot_only:
         saved = json.loads((RESULTS / f"quality{suffix}.json").read_text())
-        _plot(saved["rows"], saved["skills"], suffix)
+        _plot(saved["rows"], saved.get("skills", {}), suffix)
         return
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -87,7 +92,8 @@ def main() -> None:
     started = time.perf_counter()
     rows, summaries = [], {}
     for skill in skills:
-        skill_rows, summary = _run_skill(skill, SKILLS[skill], budgets, prompts_n)
+        accuracy_n = args.accuracy_prompts or (100 if args.quick else None)
+        skill_rows, summary = _run_skill(skill, SKILLS[skill], budgets, prompts_n, accuracy_n, args.quick)
         rows += skill_rows
         summaries[skill] = summary
     targets = _targets(rows, summaries)
@@ -99,7 +105,14 @@ def main() -> None:
     print(f"total {time.perf_counter() - started:.0f} s")
 
 
-def _run_skill(skill: str, recipe: SkillRecipe, budgets: dict[str, float], prompts_n: int) -> tuple[list, dict]:
+def _run_skill(
+    skill: str,
+    recipe: SkillRecipe,
+    budgets: dict[str, float],
+    prompts_n: int,
+    accuracy_n: int | None = None,
+    quick: bool = False,
+) -> tuple[list, dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
@@ -109,7 +122,8 @@ def _run_skill(skill: str, recipe: SkillRecipe, budgets: dict[str, float], promp
     task = recipe.build_task()
     train, held_out = task.split(recipe.train_examples, prompts_n, seed=recipe.seed)
     calibration = [chat_text(tokenizer, e.question, e.answer) for e in train[:64]]
-    prompts = [chat_prompt(tokenizer, e.question) for e in held_out]
+    answered = held_out[: accuracy_n or len(held_out)]  # generation costs ~10x teacher forcing
+    prompts = [chat_prompt(tokenizer, e.question) for e in answered]
     answers = _answer_batches(tokenizer, held_out)
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -121,7 +135,7 @@ def _run_skill(skill: str, recipe: SkillRecipe, budgets: dict[str, float], promp
 
     def accuracy(model) -> tuple[float, float]:
         completions = generate_answers(model, tokenizer, prompts, max_new_tokens=8, batch_size=32)
-        correct = [task.score(a, e) for a, e in zip(completions, held_out, strict=True)]
+        correct = [task.score(a, e) for a, e in zip(completions, answered, strict=True)]
         mean = sum(correct) / len(correct)
         return mean, math.sqrt(max(mean * (1 - mean), 1e-12) / len(correct))
 
@@ -202,7 +216,8 @@ def _run_skill(skill: str, recipe: SkillRecipe, budgets: dict[str, float], promp
         t0 = time.perf_counter()
         approx, stored = _dare(delta, budget * fp16_bytes)
         rows.append(measure("DARE", label, approx, stored, time.perf_counter() - t0))
-    fixed = [("BitDelta", _bitdelta)] + [(f"RTN int{bits}", lambda d, b=bits: _rtn(d, b)) for bits in (8, 4, 3, 2)]
+    widths = (4, 2) if quick else (8, 4, 3, 2)
+    fixed = [("BitDelta", _bitdelta)] + [(f"RTN int{bits}", lambda d, b=bits: _rtn(d, b)) for bits in widths]
     for name, method in fixed:
         t0 = time.perf_counter()
         approx, stored = method(delta)
@@ -213,6 +228,7 @@ def _run_skill(skill: str, recipe: SkillRecipe, budgets: dict[str, float], promp
         "finetuned": str(tuned_dir),
         "fp16_delta_bytes": fp16_bytes,
         "held_out": len(held_out),
+        "answered": len(answered),
         "base": scores["base"][0],
         "finetuned_accuracy": scores["finetuned"][0],
         "seconds": time.perf_counter() - started,
@@ -304,7 +320,8 @@ def _tables(rows: list[dict], summaries: dict, targets: list[dict]) -> str:
         parts.append(
             f"### {skill}: {summary['recipe']['task']} {summary['recipe']['options']}, "
             f"{summary['recipe']['steps']}-step fine-tune; base {summary['base']:.4f}, "
-            f"fine-tune {summary['finetuned_accuracy']:.4f} on {summary['held_out']} held-out questions\n"
+            f"fine-tune {summary['finetuned_accuracy']:.4f}; KL on {summary['held_out']} held-out questions, accuracy "
+            f"on {summary.get('answered', summary['held_out'])} of them\n"
         )
         table_rows = [
             [

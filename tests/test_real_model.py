@@ -118,8 +118,9 @@ def test_a_one_sixteenth_budget_pack_keeps_95_percent_of_the_gain_and_gptq_beats
     data_free = extract_skillpack(
         skill["base_dir"], skill["tuned_dir"], tmp_path / "rtn", budget=1 / 16, progress=False
     )
-    assert calibrated.pack_bytes <= calibrated.fp16_delta_bytes / 16
-    assert calibrated.pack_bytes == data_free.pack_bytes  # equal bytes: the same plan, quantized two ways
+    assert max(calibrated.pack_bytes, data_free.pack_bytes) <= calibrated.fp16_delta_bytes / 16
+    # the same budget plan; with calibration each layer's bytes are re-divided on output error, never increased
+    assert abs(calibrated.pack_bytes - data_free.pack_bytes) < 0.01 * data_free.pack_bytes
 
     gptq_pack = _load_pack(skill, tmp_path / "gptq")
     gptq_accuracy = accuracy(gptq_pack, skill["tokenizer"], skill["task"], skill["test"], max_new_tokens=ANSWER_TOKENS)
