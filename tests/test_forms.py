@@ -143,3 +143,20 @@ def test_an_unknown_profile_is_refused_before_anything_is_read(tmp_path):
     with pytest.raises(GraftConfigError, match="forms must be one of any, lowrank"):
         extract_skillpack(tmp_path / "nothing", tmp_path / "nothing", tmp_path / "out", budget=0.1, forms="dense")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_calibrated_layer_replan_keeps_the_budget_and_picks_directions_by_output_error(tmp_path):
+    base_dir, tuned_dir = _pair(tmp_path, noise=5e-4, mlp_noise=5e-2)
+    texts = ["The quick brown fox jumps over the lazy dog, again and again."] * 8
+    settings = {"budget": 1 / 16, "calibration": texts, "batch_size": 4, "progress": False}
+    plain = extract_skillpack(base_dir, tuned_dir, tmp_path / "plain", **settings)
+    replanned = extract_skillpack(base_dir, tuned_dir, tmp_path / "replan", layer_replan=True, **settings)
+    assert replanned.pack_bytes <= replanned.fp16_delta_bytes / 16
+    plans = [{m.name: (m.form, m.rank, m.bits) for m in r.modules} for r in (plain, replanned)]
+    assert plans[0] != plans[1]  # the Hessians moved bytes between the layers' projections
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "replan").eval()
+    unmerged = _logits(model)
+    with torch.no_grad():
+        model.merge_adapter()
+        merged = _logits(model)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)

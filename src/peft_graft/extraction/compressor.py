@@ -56,9 +56,11 @@ class Compressor:
         act_order: bool,
         damp: float,
         spectra: Callable[[str], Spectrum | None] | None = None,
+        layer_replan: bool = False,
     ) -> None:
         self.deltas, self.config, self.plan = deltas, config, plan
         self.spectra = spectra  # the spectra planning computed, by module name
+        self.layer_replan = layer_replan  # calibrated: re-plan each layer on output error (plan.replan_layer)
         self.base, self.finetuned = deltas.base, deltas.finetuned
         self.grown_rows = grown_rows
         self.act_order, self.damp = act_order, damp
@@ -320,7 +322,7 @@ def compress_unit(
     if done is not None:
         return done
     primary = compressors.primary
-    if hessians and primary.plan is not None:
+    if hessians and primary.plan is not None and primary.layer_replan:
         replan_layer(primary.plan, unit, hessians, primary.deltas, staging, primary.config.group_size)
     items = compressors.map(lambda compressor, spec: compressor.compress(spec, hessians.pop(spec.name, None)), unit)
     kept = {spec.name: item for spec, item in zip(unit, items, strict=True) if item is not None}

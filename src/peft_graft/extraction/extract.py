@@ -153,7 +153,9 @@ def _extract(run: _Run) -> ExtractionReport:
     spectra = (lambda name: cached_spectrum(staging, name)) if plan is not None else None
     compressors = DevicePool(
         [
-            Compressor(deltas, config, plan, run.grown_rows, options.act_order, options.damp, spectra)
+            Compressor(
+                deltas, config, plan, run.grown_rows, options.act_order, options.damp, spectra, options.layer_replan
+            )
             for deltas in run.device_deltas
         ]
     )
@@ -244,7 +246,16 @@ def _units(specs: list[ModuleSpec]) -> list[list[ModuleSpec]]:
 
 
 # The options that change a pack's bytes, which a resumed run must share with the stopped one.
-_RESUME_OPTIONS = ("budget", "forms", "act_order", "damp", "calibration_samples", "calibration_length", "batch_size")
+_RESUME_OPTIONS = (
+    "budget",
+    "forms",
+    "layer_replan",
+    "act_order",
+    "damp",
+    "calibration_samples",
+    "calibration_length",
+    "batch_size",
+)
 
 
 def _fingerprint(base, finetuned, config: GraftConfig, options: ExtractionOptions, device, texts) -> str:

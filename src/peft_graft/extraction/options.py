@@ -36,6 +36,14 @@ class ExtractionOptions:
             "Embeddings take low-rank or sparse forms under both, and dense ones too under 'any'."
         },
     )
+    layer_replan: bool = field(
+        default=False,
+        metadata={
+            "help": "Calibrated budget extraction only: re-divide each decoder layer's bytes among its projections on "
+            "output error through their Hessians (experimental: 9 % lower KL than data-free at 1/16 on one held-out "
+            "set, 2.6 % higher on another; off until measured on the full benchmark)."
+        },
+    )
     device: str = field(
         default="cpu",
         metadata={
