@@ -40,8 +40,8 @@ class ExtractionOptions:
         default=False,
         metadata={
             "help": "Calibrated budget extraction only: re-divide each decoder layer's bytes among its projections on "
-            "output error through their Hessians (experimental: 9 % lower KL than data-free at 1/16 on one held-out "
-            "set, 2.6 % higher on another; off until measured on the full benchmark)."
+            "output error through their Hessians (experimental: lower KL than data-free at 1/16 on one held-out set, "
+            "higher on another; off until measured on the full benchmark)."
         },
     )
     device: str = field(
