@@ -47,6 +47,7 @@ def rounding_errors(
     error under the Hessian is at most about this, so planning on it is conservative.
     """
     errors = dict.fromkeys(levels, 0.0)
+    weight = None if weight is None else weight.float()
     for start in range(0, delta.shape[0], _BLOCK_ROWS):
         block = delta[start : start + _BLOCK_ROWS].float()
         for bits in levels:
@@ -54,5 +55,5 @@ def rounding_errors(
             if weight is None:
                 errors[bits] += float(error.double().pow(2).sum())
             else:
-                errors[bits] += float(((error @ weight.to(error.dtype)) * error).double().sum())
+                errors[bits] += float(((error @ weight) * error).double().sum())
     return errors

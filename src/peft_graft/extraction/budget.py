@@ -92,6 +92,16 @@ class BudgetPlan:
             return dense_bytes(name, out_features * in_features)
         return 0
 
+    def take(self, names: list[str], other: BudgetPlan) -> None:
+        """Give modules `names` the forms and sizes `other` (a plan of just those modules) gives them."""
+        for field_name in ("lowrank", "quantized", "directions", "sparse"):
+            mine, theirs = getattr(self, field_name), getattr(other, field_name)
+            for name in names:
+                mine.pop(name, None)
+                if name in theirs:
+                    mine[name] = theirs[name]
+        self.dense = (self.dense - set(names)) | (other.dense & set(names))
+
     def form(self, name: str) -> str | None:
         """The form the plan gives a module: lowrank, dense, quantized, sparse, or None (left out)."""
         if self.lowrank.get(name):

@@ -204,20 +204,15 @@ class Compressor:
         )
         tensors = encode_quantized_dense(quantized)
         restored = decode_quantized_dense(tensors, tuple(logical.shape))
-        output = output_error(logical, restored, hessian) if hessian is not None else None
-        error, total = squared_norm(logical, restored), squared_norm(logical)
-        return self._quantized_item(spec, logical.shape, bits, tensors, error, total, output)
-
-    def _quantized_item(self, spec, shape, bits, tensors, error, total, output) -> Compressed:
         report = ModuleReport(
             spec.name,
             spec.role,
             layout.QUANTIZED,
-            list(shape),
+            list(logical.shape),
             bits=bits,
             bytes=tensors_nbytes(tensors),
-            frobenius_error=math.sqrt(error / total) if total else 0.0,
-            output_error=output,
+            frobenius_error=relative_error(logical, restored),
+            output_error=output_error(logical, restored, hessian) if hessian is not None else None,
         )
         return Compressed(tensors, report)
 

@@ -79,18 +79,7 @@ def plan_extraction(
             logical = delta.T if spec.transposed else delta
             if spec.role == "dense" or logical.dim() != 2:
                 return dense_bytes(spec.name, logical.numel())
-            known = cached_spectrum(staging, spec.name)
-            if known is None:
-                known = _cached(spec, staging, spectrum(logical, top=FIRST_DIRECTIONS))
-            return ModuleCandidate(
-                spec.name,
-                *logical.shape,
-                energy=squared_norm(logical),
-                singular_values=known.values.float().cpu(),
-                spectrum_complete=known.complete,
-                quantized_errors=_rounding_errors(logical, config.group_size, forms),
-                dense=forms == "any",
-            )
+            return _projection_candidate(spec, logical, squared_norm(logical), staging, config.group_size, forms)
         finally:
             bar.update()
 
@@ -230,45 +219,33 @@ def replan_layer(
             continue
         hessian = hessian * (energy / output_energy)
         layer_bytes += plan.module_bytes(spec.name, *logical.shape, group_size)
-        candidates.append(_weighted_candidate(spec, logical, hessian, energy, staging, group_size, plan.forms))
+        candidates.append(_projection_candidate(spec, logical, energy, staging, group_size, plan.forms, hessian))
     if not candidates:
         return
-    layer_plan = plan_budget(layer_bytes, 0, candidates, group_size)
-    for candidate in candidates:
-        name = candidate.name
-        plan.lowrank.pop(name, None)
-        plan.quantized.pop(name, None)
-        plan.directions.pop(name, None)
-        plan.dense.discard(name)
-        if name in layer_plan.lowrank:
-            plan.lowrank[name] = layer_plan.lowrank[name]
-        if name in layer_plan.directions:
-            plan.directions[name] = layer_plan.directions[name]
-        if name in layer_plan.quantized:
-            plan.quantized[name] = layer_plan.quantized[name]
-        if name in layer_plan.dense:
-            plan.dense.add(name)
+    plan.take([candidate.name for candidate in candidates], plan_budget(layer_bytes, 0, candidates, group_size))
 
 
-def _weighted_candidate(spec, logical, hessian, energy, staging, group_size, forms) -> ModuleCandidate:
+def _projection_candidate(
+    spec: ModuleSpec, logical, energy: float, staging: Staging, group_size: int, forms: str, hessian=None
+) -> ModuleCandidate:
+    """A projection's forms: low-rank from its cached (else first partial) spectrum, and with ``forms="any"`` the
+    quantized (rounding error measured at each width) and dense ones. With a (scaled) `hessian`, errors are output
+    errors and directions carry their weights; the spectrum is then taken as all there is: the layer walk computes
+    no more spectra."""
     known = cached_spectrum(staging, spec.name)
     if known is None:
         known = _cached(spec, staging, spectrum(logical, top=FIRST_DIRECTIONS))
+    any_form = forms == "any"
     return ModuleCandidate(
         spec.name,
         *logical.shape,
         energy=energy,
         singular_values=known.values.float().cpu(),
-        spectrum_complete=True,  # no guess past what planning learned: the walk computes no more spectra
-        direction_weights=_direction_weights(logical, known, hessian),
-        quantized_errors=_rounding_errors(logical, group_size, forms, hessian),
-        dense=forms == "any",
+        spectrum_complete=known.complete or hessian is not None,
+        direction_weights=None if hessian is None else _direction_weights(logical, known, hessian),
+        quantized_errors=rounding_errors(logical, QUANTIZED_LEVELS, group_size, weight=hessian) if any_form else {},
+        dense=any_form,
     )
-
-
-def _rounding_errors(logical, group_size: int, forms: str, hessian=None) -> dict[int, float]:
-    """The quantized form's error at each bit width, where the profile offers that form."""
-    return rounding_errors(logical, QUANTIZED_LEVELS, group_size, weight=hessian) if forms == "any" else {}
 
 
 def _direction_weights(logical: torch.Tensor, known: Spectrum, hessian: torch.Tensor) -> torch.Tensor:
