@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from ..pack.codec import decode_module
 from .compressor import compress_unit
 from .devices import DevicePool
-from .options import ExtractionOptions
 from .report import ModuleReport
 from .roles import ModuleSpec, decoder_layers
 from .staging import Staging
@@ -38,8 +37,7 @@ def extract_calibrated(
     units: list[list[ModuleSpec]],
     staging: Staging,
     base_folder: str,
-    texts: list[str],
-    options: ExtractionOptions,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     progress: bool,
 ) -> list[ModuleReport]:
@@ -59,7 +57,6 @@ def extract_calibrated(
             continue
         _set_outside_parameter(model, name, deltas, staging, units, device)
     _buffers_to(model, device)
-    batches = _tokenized_batches(base_folder, deltas.finetuned, texts, options.calibration_length, options.batch_size)
     calls = _first_layer_calls(model, layers[0], batches, device)
     # From here the walk needs only the decoder layers: the embedding alone is 2 GB in float32 at 8B.
     for name, parameter in list(model.named_parameters(remove_duplicate=False)):
@@ -328,7 +325,8 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _tokenized_batches(base_folder, finetuned, texts, length, batch_size) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def tokenized_batches(base_folder, finetuned, texts, length, batch_size) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The calibration texts as (input ids, attention mask) batches, by the base's tokenizer (else the fine-tune's)."""
     from transformers import AutoTokenizer
 
     source = base_folder if any(Path(base_folder).glob("tokenizer*")) else str(finetuned.folder)
@@ -342,6 +340,16 @@ def _tokenized_batches(base_folder, finetuned, texts, length, batch_size) -> lis
         )
         batches.append((encoded["input_ids"], encoded["attention_mask"].bool()))
     return batches
+
+
+def token_frequencies(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Each token id's share of the calibration tokens (padding excluded): what planning weights embedding rows by
+    (`plan.row_weights`)."""
+    vocab = 1 + max(int(ids.max()) for ids, _ in batches)
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    for ids, mask in batches:
+        counts += torch.bincount(ids[mask], minlength=vocab).double()
+    return counts / counts.sum()
 
 
 def load_texts(source, limit: int | None = None, what: str = "calibration") -> list[str]:

@@ -30,7 +30,7 @@ from ..pack.cost import dense_bytes, direction_bytes, lowrank_overhead_bytes
 from .budget import BudgetPlan
 from .delta import DeltaReader
 from .devices import DevicePool
-from .plan import replan_layer
+from .plan import replan_layer, row_weights
 from .report import ModuleReport
 from .roles import ModuleSpec
 from .staging import Staging
@@ -57,10 +57,12 @@ class Compressor:
         damp: float,
         spectra: Callable[[str], Spectrum | None] | None = None,
         layer_replan: bool = False,
+        frequencies: torch.Tensor | None = None,
     ) -> None:
         self.deltas, self.config, self.plan = deltas, config, plan
         self.spectra = spectra  # the spectra planning computed, by module name
         self.layer_replan = layer_replan  # calibrated: re-plan each layer on output error (plan.replan_layer)
+        self.frequencies = frequencies  # calibrated: token frequencies, which weight embedding rows (plan.row_weights)
         self.base, self.finetuned = deltas.base, deltas.finetuned
         self.grown_rows = grown_rows
         self.act_order, self.damp = act_order, damp
@@ -127,6 +129,8 @@ class Compressor:
         1. the total energy and a magnitude histogram, which settle every kept entry but those of one bin;
         2. that bin's magnitudes, which give the exact cut (ties at the cut: the first entries, by position);
         3. the kept entries themselves, collected in ascending position as int32/int64 indices and fp16 values.
+
+        Calibrated, magnitudes are ranked after scaling each row by the square root of its weight, as planned.
         """
         shape = self.finetuned.shape(spec.weight)
         rows, cols = shape
@@ -136,16 +140,24 @@ class Compressor:
             keep = self.plan.sparse.get(spec.name, 0)
         else:
             keep = math.ceil(self.config.density_for(spec.name) * head_rows * cols)
+
+        def ranked(start: int, head: torch.Tensor) -> torch.Tensor:  # what selection compares, flattened
+            weights = row_weights(self.frequencies, start, head.shape[0], head_rows)
+            scaled = head if weights is None else head * weights.sqrt().to(head.device, head.dtype)[:, None]
+            return scaled.reshape(-1)
+
         histogram = MagnitudeHistogram()
         total = 0.0
         for start, delta in self.deltas.row_blocks(spec.weight):
             total += float(delta.double().pow(2).sum())
-            histogram.add(delta[: max(0, head_rows - start)].reshape(-1).pow(2))
+            histogram.add(ranked(start, delta[: max(0, head_rows - start)]).pow(2))
         if total == 0.0:
             return None
         if keep > 0:
             cut_bin, above = histogram.cut(keep)
-            cut_value, at_cut = _cut_within(self.deltas, spec.weight, head_rows, histogram, cut_bin, keep - above)
+            cut_value, at_cut = _cut_within(
+                self.deltas, spec.weight, head_rows, histogram, cut_bin, keep - above, ranked
+            )
         else:  # the plan buys none of this module's entries (rows a fine-tune added are kept all the same)
             cut_bin, cut_value, at_cut = -1, math.inf, 0
 
@@ -153,9 +165,10 @@ class Compressor:
         kept_indices, kept_values, block = [], [], []
         kept_energy = rounding = 0.0
         for start, delta in self.deltas.row_blocks(spec.weight):
-            head = delta[: max(0, head_rows - start)].reshape(-1)
+            head = delta[: max(0, head_rows - start)]
             if head.numel():
-                magnitude = head.abs()
+                magnitude = ranked(start, head).abs()
+                head = head.reshape(-1)
                 take = magnitude > cut_value if cut_bin else magnitude > 0
                 if at_cut:  # the first entries tied at the cut, by position
                     tied = (magnitude == cut_value).nonzero().squeeze(1)[:at_cut]
@@ -341,14 +354,15 @@ def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> floa
     return math.sqrt(squared_norm(reference, approximation) / norm) if norm else 0.0
 
 
-def _cut_within(deltas: DeltaReader, key: str, head_rows: int, histogram, cut_bin: int, wanted: int):
+def _cut_within(deltas: DeltaReader, key: str, head_rows: int, histogram, cut_bin: int, wanted: int, ranked):
     """``(cut, ties)``: the magnitude of the `wanted`-th largest entry of histogram bin `cut_bin` (every entry above
-    it is kept) and how many entries equal to it are kept too; ``(0.0, 0)`` when there is no cut (keep all)."""
+    it is kept) and how many entries equal to it are kept too; ``(0.0, 0)`` when there is no cut (keep all).
+    `ranked(start, rows)` gives the magnitudes compared (flattened)."""
     if cut_bin == 0:
         return 0.0, 0
     in_bin = []
     for start, delta in deltas.row_blocks(key):
-        head = delta[: max(0, head_rows - start)].reshape(-1)
+        head = ranked(start, delta[: max(0, head_rows - start)])
         in_bin.append(head.abs()[histogram.bins(head.pow(2)) == cut_bin])
     magnitudes = torch.cat(in_bin)
     cut = magnitudes.kthvalue(magnitudes.numel() - wanted + 1).values

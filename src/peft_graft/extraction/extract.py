@@ -31,7 +31,7 @@ from ..pack import layout
 from ..pack.folder import is_pack_folder, write_pack
 from ..pack.provenance import base_parameters, fingerprint_checkpoint
 from ..utils.atomic import check_replaceable
-from .calibration import extract_calibrated, load_texts
+from .calibration import extract_calibrated, load_texts, token_frequencies, tokenized_batches
 from .checkpoint import CheckpointReader
 from .compressor import Compressor, compress_unit
 from .delta import DeltaReader
@@ -140,12 +140,21 @@ def _extract(run: _Run) -> ExtractionReport:
     """Plan (budget mode), compress unit by unit into the work folder, then assemble the pack."""
     staging, options, config = run.staging, run.options, run.config
     base_reader, finetuned_reader = run.device_deltas[0].base, run.device_deltas[0].finetuned
+    batches = (
+        tokenized_batches(
+            str(base_reader.folder), finetuned_reader, run.texts, options.calibration_length, options.batch_size
+        )
+        if run.texts
+        else None
+    )
+    # calibrated: embedding rows count by their tokens' frequency (in planning and in what sparse forms keep)
+    frequencies = token_frequencies(batches) if batches else None
     stages = {"setup": time.perf_counter() - run.started}
     plan = staging.plan()
     if run.budget_bytes is not None and plan is None:
         plan = plan_extraction(
             run.specs, DevicePool(run.device_deltas), config, run.budget_bytes, run.grown_rows, staging,
-            options.progress, options.forms,
+            options.progress, options.forms, frequencies,
         )  # fmt: skip
         staging.save_plan(plan)
     stages["planning"] = time.perf_counter() - run.started - sum(stages.values())
@@ -154,15 +163,23 @@ def _extract(run: _Run) -> ExtractionReport:
     compressors = DevicePool(
         [
             Compressor(
-                deltas, config, plan, run.grown_rows, options.act_order, options.damp, spectra, options.layer_replan
+                deltas,
+                config,
+                plan,
+                run.grown_rows,
+                options.act_order,
+                options.damp,
+                spectra,
+                options.layer_replan,
+                frequencies,
             )
             for deltas in run.device_deltas
         ]
     )
     units = _units(run.specs)
-    if run.texts:
+    if batches:
         reports = extract_calibrated(
-            compressors, units, staging, str(base_reader.folder), run.texts, options, run.device, options.progress
+            compressors, units, staging, str(base_reader.folder), batches, run.device, options.progress
         )
     else:
         bar = tqdm(total=len(units), desc="extracting", unit="unit", disable=not options.progress)

@@ -10,6 +10,11 @@ it is never held whole. With ``forms="any"`` every projection also offers its gr
 round-to-nearest error measured at each bit width), and every 2-D delta fp16 storage. Embeddings offer their sparse
 form too: at most `EXACT_ENTRIES` exact candidates (the largest squared entries); below them a log-spaced histogram
 stands in for the rest, so the planner's memory does not grow with the vocabulary or the budget.
+
+With calibration, an embedding's errors are weighted by row (`row_weights`: its token's frequency in the calibration
+text, plus a floor): its spectrum is that of the row-weighted delta, and its sparse form keeps the entries largest
+after weighting. Measured on the 200-step arithmetic pair with the rest exact: the rank-111 embedding of the Frobenius
+plan cost KL 7.0e-5, the same rank from the weighted spectrum 1.7e-8, at about the same Frobenius error.
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ def plan_extraction(
     staging: Staging,
     progress: bool,
     forms: str = "any",
+    frequencies: torch.Tensor | None = None,
 ) -> BudgetPlan:
     """Every delta's candidate forms (spread over the pool's DeltaReaders, one per device), then the allocation of
-    `budget_bytes`. ``forms="lowrank"`` keeps projections low-rank (LoRA-exportable); ``"any"`` offers every form."""
+    `budget_bytes`. ``forms="lowrank"`` keeps projections low-rank (LoRA-exportable); ``"any"`` offers every form.
+    `frequencies` (calibrated: each token id's share of the calibration tokens) weights embedding rows."""
     deltas: DeltaReader = readers.primary
     base = deltas.base
     # no sparse module can keep more entries than the whole budget buys
@@ -72,7 +79,9 @@ def plan_extraction(
         """The module's candidate, the dense bytes it needs (a norm), or None when its delta is zero."""
         try:
             if spec.role == "embed":
-                return _embedding_candidate(spec, reader, config, grown_rows, affordable_entries, staging, forms)
+                return _embedding_candidate(
+                    spec, reader, config, grown_rows, affordable_entries, staging, forms, frequencies
+                )
             delta = reader.delta(spec.weight)
             if not delta.any():
                 return None
@@ -131,6 +140,18 @@ def cached_spectrum(staging: Staging, name: str) -> Spectrum | None:
     return None if cached is None else Spectrum(cached[1], cached[0])
 
 
+def row_weights(frequencies: torch.Tensor | None, start: int, count: int, rows: int) -> torch.Tensor | None:
+    """Weights of embedding rows ``start … start+count`` (of `rows`): ``wⱼ = fⱼ + 1/rows``, half the mass on the
+    tokens' calibration frequencies `frequencies`, half spread evenly so that no row is dropped outright (ids the
+    calibration never reached, or rows past its vocabulary, take the floor). None without calibration."""
+    if frequencies is None:
+        return None
+    weights = torch.full((count,), 1.0 / rows, dtype=torch.float64)
+    known = frequencies[start : start + count]
+    weights[: known.numel()] += known
+    return weights
+
+
 def _embedding_candidate(
     spec: ModuleSpec,
     deltas: DeltaReader,
@@ -139,12 +160,17 @@ def _embedding_candidate(
     affordable_entries: int,
     staging: Staging,
     forms: str,
+    frequencies: torch.Tensor | None = None,
 ) -> ModuleCandidate | None:
     """An embedding's (or output embedding's) forms, in one streaming pass over row blocks: its sparse form always;
     its low-rank (complete spectrum from ΔᵀΔ) and dense forms unless the fine-tune added rows (those are stored whole,
     beside a sparse delta of the others). No quantized form: measuring its rounding error over a whole vocabulary
     costs more than the rest of planning (25 s of 50 at 135M), and an embedding's delta is either a few rows
-    (sparse) or a few directions (low-rank: softmax pushes every output row along the same hidden states)."""
+    (sparse) or a few directions (low-rank: softmax pushes every output row along the same hidden states).
+
+    With `frequencies`, each row's squared entries count times its weight (`row_weights`), scaled so that the
+    weighted energy equals ``‖Δ‖²``: the module keeps its Frobenius share of the budget against the projections,
+    while the weights decide which rows and directions it keeps."""
     rows, cols = deltas.finetuned.shape(spec.weight)
     head_rows = grown_rows.get(spec.name, rows)
     whole = head_rows == rows
@@ -153,26 +179,35 @@ def _embedding_candidate(
     histogram = MagnitudeHistogram() if affordable_entries > exact else None
     known = cached_spectrum(staging, spec.name) if whole else None
     gram = torch.zeros(cols, cols, dtype=torch.float64) if whole and known is None else None
-    energy = 0.0
+    energy = weighted = 0.0
     for start, delta in deltas.row_blocks(spec.weight):
         head = delta[: max(0, head_rows - start)]
-        squared = head.reshape(-1).pow(2)
+        if not head.numel():
+            continue
+        weights = row_weights(frequencies, start, head.shape[0], head_rows)
+        squared = head.float().pow(2)
         energy += float(squared.double().sum())
+        if weights is not None:
+            squared = squared * weights.to(squared.device, squared.dtype)[:, None]
+        squared = squared.reshape(-1)
+        weighted += float(squared.double().sum())
         largest.add(squared)
         if histogram is not None:
             histogram.add(squared)
-        if gram is not None and head.numel():
+        if gram is not None:
             block = head.double()
-            gram += (block.T @ block).to(gram.device)
+            rows_side = block if weights is None else block * weights.to(block.device)[:, None]
+            gram += (rows_side.T @ block).to(gram.device)
     if energy == 0.0:
         return None
-    squared = largest.result()[1].sort(descending=True).values.cpu()
+    scale = energy / weighted  # 1 without weights
+    squared = largest.result()[1].sort(descending=True).values.cpu() * scale
     tail: tuple[tuple[int, float], ...] = ()
     if histogram is not None and squared.numel() == exact:
-        histogram.add(squared, sign=-1.0)  # what the exact part holds is not tail
-        tail = tuple(histogram.descending())
+        histogram.add(largest.result()[1], sign=-1.0)  # what the exact part holds is not tail
+        tail = tuple((count, bin_energy * scale) for count, bin_energy in histogram.descending())
     if gram is not None:
-        known = _cached(spec, staging, gram_spectrum(gram))
+        known = _cached(spec, staging, gram_spectrum(gram * scale))
     return ModuleCandidate(
         spec.name,
         head_rows,
