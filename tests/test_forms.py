@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from peft_graft import BASE_ADAPTER, extract_skillpack
 from peft_graft.compress.dense import quantize_dense
 from peft_graft.errors import ExportError, GraftConfigError, PackFormatError
+from peft_graft.extraction.roles import module_specs
 from peft_graft.ops import export_lora, pack_deltas
 from peft_graft.pack.codec import decode_module, encode_quantized_dense
 
@@ -193,3 +194,10 @@ def test_calibration_keeps_the_embedding_rows_of_its_tokens(budget, tmp_path):
         errors.append(float((packed - delta)[digits].norm() / delta[digits].norm()))
     data_free, calibrated = errors
     assert calibrated < 0.5 * data_free, errors
+
+
+def test_only_token_embeddings_are_weighted_by_token_frequency():
+    specs = {spec.name: spec for spec in module_specs(build("gpt2"))}
+    assert specs["transformer.wte"].tokens and specs["lm_head"].tokens
+    assert not specs["transformer.wpe"].tokens  # its rows are positions
+    assert not any(spec.tokens for spec in specs.values() if spec.role != "embed")

@@ -130,7 +130,8 @@ class Compressor:
         2. that bin's magnitudes, which give the exact cut (ties at the cut: the first entries, by position);
         3. the kept entries themselves, collected in ascending position as int32/int64 indices and fp16 values.
 
-        Calibrated, magnitudes are ranked after scaling each row by the square root of its weight, as planned.
+        Calibrated, a token embedding's magnitudes are ranked after scaling each row by the square root of its weight,
+        as planned.
         """
         shape = self.finetuned.shape(spec.weight)
         rows, cols = shape
@@ -141,8 +142,10 @@ class Compressor:
         else:
             keep = math.ceil(self.config.density_for(spec.name) * head_rows * cols)
 
+        frequencies = self.frequencies if spec.tokens else None
+
         def ranked(start: int, head: torch.Tensor) -> torch.Tensor:  # what selection compares, flattened
-            weights = row_weights(self.frequencies, start, head.shape[0], head_rows)
+            weights = row_weights(frequencies, start, head.shape[0], head_rows)
             scaled = head if weights is None else head * weights.sqrt().to(head.device, head.dtype)[:, None]
             return scaled.reshape(-1)
 

@@ -80,8 +80,9 @@ def plan_extraction(
         try:
             if spec.role == "embed":
                 return _embedding_candidate(
-                    spec, reader, config, grown_rows, affordable_entries, staging, forms, frequencies
-                )
+                    spec, reader, config, grown_rows, affordable_entries, staging, forms,
+                    frequencies if spec.tokens else None,
+                )  # fmt: skip
             delta = reader.delta(spec.weight)
             if not delta.any():
                 return None

@@ -33,6 +33,7 @@ class ModuleSpec:
     weight: str  # checkpoint key of the weight
     bias: str | None  # checkpoint key of the bias, if the module has one
     layer_index: int | None  # index of the decoder layer holding it, if any
+    tokens: bool = False  # its rows are token ids: the input or the output embedding (not e.g. GPT-2's positions)
 
     @property
     def transposed(self) -> bool:
@@ -65,6 +66,7 @@ def module_specs(model: PreTrainedModel, role_override=None) -> list[ModuleSpec]
     layers_name, _ = decoder_layers(model)
     layer_pattern = re.compile(rf"^{re.escape(layers_name)}\.(\d+)\.")
     output_embeddings = model.get_output_embeddings()
+    token_modules = (model.get_input_embeddings(), output_embeddings)
     specs = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
@@ -89,6 +91,7 @@ def module_specs(model: PreTrainedModel, role_override=None) -> list[ModuleSpec]
                 weight=f"{name}.weight",
                 bias=f"{name}.bias" if isinstance(bias, torch.Tensor) else None,
                 layer_index=int(match.group(1)) if match else None,
+                tokens=any(module is token_module for token_module in token_modules),
             )
         )
     return specs
