@@ -77,12 +77,22 @@ def main() -> None:
     parser.add_argument(
         "--accuracy-prompts", type=int, help="of those, how many are also answered by generation (default: all)"
     )
-    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved results")
+    parser.add_argument(
+        "--plot-only", action="store_true", help="recompute the targets, tables and plots from the saved rows"
+    )
     args = parser.parse_args()
     suffix = "-quick" if args.quick else ""
+    if args.skills and not args.quick:  # a partial run never overwrites the full results
+        suffix = "-" + "-".join(args.skills.split(","))
     if args.plot_only:
         saved = json.loads((RESULTS / f"quality{suffix}.json").read_text())
-        _plot(saved["rows"], saved.get("skills", {}), suffix)
+        rows, summaries = saved["rows"], saved.get("skills", {})
+        targets = _targets(rows, summaries)
+        table = _tables(rows, summaries, targets)
+        payload = {"skills": summaries, "rows": rows, "targets": targets, "seconds": saved.get("seconds")}
+        write_results("quality", payload, table, suffix)
+        _plot(rows, summaries, suffix)
+        print(table)
         return
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -96,10 +106,11 @@ def main() -> None:
         skill_rows, summary = _run_skill(skill, SKILLS[skill], budgets, prompts_n, accuracy_n, args.quick)
         rows += skill_rows
         summaries[skill] = summary
-    targets = _targets(rows, summaries)
-    table = _tables(rows, summaries, targets)
-    payload = {"skills": summaries, "rows": rows, "targets": targets, "seconds": time.perf_counter() - started}
-    write_results("quality", payload, table, suffix)
+        # after every skill, so that a run stopped during the next one keeps what it measured
+        targets = _targets(rows, summaries)
+        table = _tables(rows, summaries, targets)
+        payload = {"skills": summaries, "rows": rows, "targets": targets, "seconds": time.perf_counter() - started}
+        write_results("quality", payload, table, suffix)
     _plot(rows, summaries, suffix)
     print(table)
     print(f"total {time.perf_counter() - started:.0f} s")
@@ -261,7 +272,8 @@ def _answer_logits(model, batches) -> list[torch.Tensor]:
     with torch.no_grad():
         for ids, mask, spans in batches:
             logits = model(input_ids=ids, attention_mask=mask).logits
-            out += [logits[row, start:stop].float() for row, (start, stop) in enumerate(spans)]
+            # cloned: a slice would keep the whole batch's logits alive (the full run was OOM-killed at 24 GiB)
+            out += [logits[row, start:stop].float().clone() for row, (start, stop) in enumerate(spans)]
     return out
 
 
@@ -283,18 +295,18 @@ def _forms_summary(report) -> dict[str, int]:
 
 
 def _targets(rows: list[dict], summaries: dict) -> list[dict]:
-    """Each stated target, per skill: graft's KL vs the best peer's at equal or larger bytes, retention at 1/32 and
-    1/64, and calibrated vs data-free KL."""
+    """Each stated target, per skill: graft's KL vs the best peer's at equal bytes (or the nearest larger size),
+    retention at 1/32 and 1/64, and calibrated vs data-free KL."""
     found = []
     for skill in summaries:
         mine = [r for r in rows if r["skill"] == skill]
         for graft in (r for r in mine if r["method"] == "graft"):
-            peers = [
-                r
-                for r in mine
-                if r["method"] in PEERS
-                and (r["budget"] == graft["budget"] or (r["budget"] is None and r["ratio"] >= graft["ratio"]))
-            ]
+            # peers at the same budget, and the fixed-size peers (RTN, BitDelta) nearest above graft's bytes: a larger
+            # one is not "equal bytes" any more (RTN int8 is twice the bytes of a 1/4 budget)
+            larger = [r for r in mine if r["method"] in PEERS and r["budget"] is None and r["ratio"] >= graft["ratio"]]
+            nearest = min((r["ratio"] for r in larger), default=None)
+            peers = [r for r in mine if r["method"] in PEERS and r["budget"] == graft["budget"]]
+            peers += [r for r in larger if r["ratio"] == nearest]
             best = min(peers, key=lambda r: r["kl"]) if peers else None
             free = next(r for r in mine if r["method"] == "graft data-free" and r["budget"] == graft["budget"])
             found.append(
