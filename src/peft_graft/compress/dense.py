@@ -38,10 +38,15 @@ def quantize_dense(
 
 
 def rounding_errors(
-    delta: torch.Tensor, levels: tuple[int, ...], group_size: int, weight: torch.Tensor | None = None
+    delta: torch.Tensor,
+    levels: tuple[int, ...],
+    group_size: int,
+    weight: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> dict[int, float]:
     """Squared error of round-to-nearest at each bit width in `levels`: ``‖Δ − Q(Δ)‖²``, or with `weight` (a
-    symmetric (in, in) matrix, e.g. the input Hessian ``XᵀX``) the output error ``tr(E·W·Eᵀ)``, ``E = Δ − Q(Δ)``.
+    symmetric (in, in) matrix, e.g. the input Hessian ``XᵀX``) the output error ``tr(E·W·Eᵀ)``, ``E = Δ − Q(Δ)``;
+    with `row_weights` (one per row), each row's squared error counts times its weight.
 
     Measured, not modelled: fine-tune deltas are heavy-tailed, so a Gaussian noise model misjudges them. GPTQ's
     error under the Hessian is at most about this, so planning on it is conservative.
@@ -52,8 +57,8 @@ def rounding_errors(
         block = delta[start : start + _BLOCK_ROWS].float()
         for bits in levels:
             error = block - round_trip(block, bits, group_size)
-            if weight is None:
-                errors[bits] += float(error.double().pow(2).sum())
-            else:
-                errors[bits] += float(((error @ weight) * error).double().sum())
+            squared = error.pow(2) if weight is None else (error @ weight) * error
+            if row_weights is not None:
+                squared = squared.sum(1).double() * row_weights[start : start + block.shape[0]].to(squared.device)
+            errors[bits] += float(squared.double().sum())
     return errors

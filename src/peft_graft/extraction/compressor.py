@@ -14,6 +14,7 @@ from ..compress.dense import quantize_dense
 from ..compress.factors import quantize_factors
 from ..compress.gptq import output_error
 from ..compress.lowrank import BandSlice
+from ..compress.quantize import GroupQuantized, dequantize_groupwise, quantize_groupwise
 from ..compress.svd import Spectrum, factorize, project_rows, squared_norm
 from ..config import GraftConfig
 from ..errors import CheckpointMismatchError
@@ -81,6 +82,8 @@ class Compressor:
                 item = self._lowrank_rows(spec, self.plan.lowrank[spec.name])
             elif form == "dense":
                 item = self._dense(spec, self.deltas.delta(spec.weight))
+            elif form == "quantized":
+                item = self._quantized_rows(spec, self.plan.quantized[spec.name])
             else:
                 item = self._sparse(spec)
         else:
@@ -229,6 +232,34 @@ class Compressor:
             bytes=tensors_nbytes(tensors),
             frobenius_error=relative_error(logical, restored),
             output_error=output_error(logical, restored, hessian) if hessian is not None else None,
+        )
+        return Compressed(tensors, report)
+
+    def _quantized_rows(self, spec, bits: int) -> Compressed:
+        """An embedding's delta group-quantized at `bits` by round-to-nearest, a block of rows at a time (groups lie
+        within rows), so the float delta is never held whole."""
+        parts, error, total = [], 0.0, 0.0
+        for _, delta in self.deltas.row_blocks(spec.weight):
+            part = quantize_groupwise(delta.float(), bits, self.config.group_size)
+            error += squared_norm(delta.float(), dequantize_groupwise(part))
+            total += squared_norm(delta)
+            parts.append(part)
+        quantized = GroupQuantized(
+            codes=torch.cat([part.codes for part in parts]),
+            scales=torch.cat([part.scales for part in parts]),
+            zeros=torch.cat([part.zeros for part in parts]),
+            bits=bits,
+            group_size=self.config.group_size,
+        )
+        tensors = encode_quantized_dense(quantized)
+        report = ModuleReport(
+            spec.name,
+            spec.role,
+            layout.QUANTIZED,
+            list(quantized.shape),
+            bits=bits,
+            bytes=tensors_nbytes(tensors),
+            frobenius_error=math.sqrt(error / total) if total else 0.0,
         )
         return Compressed(tensors, report)
 

@@ -33,7 +33,8 @@ class ExtractionOptions:
             "help": "Which forms a budget plan may give the projections: 'any' (low-rank, group-quantized dense or "
             "fp16, whichever loses least per byte: the best quality) or 'lowrank' (low-rank only: exportable to LoRA "
             "for vLLM and other LoRA servers, and stacked in one product per layer in mixed-batch decoding). "
-            "Embeddings take low-rank or sparse forms under both, and dense ones too under 'any'."
+            "Embeddings take low-rank or sparse forms under both, and group-quantized or fp16 dense ones too under "
+            "'any'."
         },
     )
     layer_replan: bool = field(

@@ -7,9 +7,10 @@ a plan takes directions past the end of a module's partial spectrum (it plans wi
 that module's spectrum is recomputed with twice the directions and the budget planned again, until every plan stops
 inside what its spectrum knows. An embedding's spectrum is complete, from its Gram matrix summed over row blocks, so
 it is never held whole. With ``forms="any"`` every projection also offers its group-quantized dense form (its
-round-to-nearest error measured at each bit width), and every 2-D delta fp16 storage. Embeddings offer their sparse
-form too: at most `EXACT_ENTRIES` exact candidates (the largest squared entries); below them a log-spaced histogram
-stands in for the rest, so the planner's memory does not grow with the vocabulary or the budget.
+round-to-nearest error measured at each bit width), and every 2-D delta fp16 storage; so does every embedding the
+fine-tune did not grow (its rounding error measured row block by row block). Embeddings offer their sparse form
+too: at most `EXACT_ENTRIES` exact candidates (the largest squared entries); below them a log-spaced histogram stands
+in for the rest, so the planner's memory does not grow with the vocabulary or the budget.
 
 With calibration, an embedding's errors are weighted by row (`row_weights`: its token's frequency in the calibration
 text, plus a floor): its spectrum is that of the row-weighted delta, and its sparse form keeps the entries largest
@@ -164,10 +165,9 @@ def _embedding_candidate(
     frequencies: torch.Tensor | None = None,
 ) -> ModuleCandidate | None:
     """An embedding's (or output embedding's) forms, in one streaming pass over row blocks: its sparse form always;
-    its low-rank (complete spectrum from ΔᵀΔ) and dense forms unless the fine-tune added rows (those are stored whole,
-    beside a sparse delta of the others). No quantized form: measuring its rounding error over a whole vocabulary
-    costs more than the rest of planning (25 s of 50 at 135M), and an embedding's delta is either a few rows
-    (sparse) or a few directions (low-rank: softmax pushes every output row along the same hidden states).
+    its low-rank (complete spectrum from ΔᵀΔ), group-quantized (rounding error measured block by block, about 1 s at
+    135M) and dense forms unless the fine-tune added rows (those are stored whole, beside a sparse delta of the
+    others).
 
     With `frequencies`, each row's squared entries count times its weight (`row_weights`), scaled so that the
     weighted energy equals ``‖Δ‖²``: the module keeps its Frobenius share of the budget against the projections,
@@ -175,9 +175,11 @@ def _embedding_candidate(
     rows, cols = deltas.finetuned.shape(spec.weight)
     head_rows = grown_rows.get(spec.name, rows)
     whole = head_rows == rows
+    quantized = dict.fromkeys(QUANTIZED_LEVELS, 0.0) if whole and forms == "any" else {}
     exact = min(affordable_entries, EXACT_ENTRIES)
     largest = LargestEntries(exact, positions=False)
     histogram = MagnitudeHistogram() if affordable_entries > exact else None
+    group_size = config.group_size
     known = cached_spectrum(staging, spec.name) if whole else None
     gram = torch.zeros(cols, cols, dtype=torch.float64) if whole and known is None else None
     energy = weighted = 0.0
@@ -195,6 +197,8 @@ def _embedding_candidate(
         largest.add(squared)
         if histogram is not None:
             histogram.add(squared)
+        for bits, error in rounding_errors(head, tuple(quantized), group_size, row_weights=weights).items():
+            quantized[bits] += error
         if gram is not None:
             block = head.double()
             rows_side = block if weights is None else block * weights.to(block.device)[:, None]
@@ -215,6 +219,7 @@ def _embedding_candidate(
         cols,
         energy=energy,
         singular_values=known.values.float().cpu() if known is not None else None,
+        quantized_errors={bits: error * scale for bits, error in quantized.items()},
         dense=whole and forms == "any",
         squared_magnitudes=squared,
         sparse_tail=tail,
