@@ -21,7 +21,6 @@ from ..errors import CheckpointMismatchError
 from ..pack import layout
 from ..pack.codec import (
     decode_lowrank,
-    decode_quantized_dense,
     encode_factors,
     encode_quantized_dense,
     sparse_tensors,
@@ -221,19 +220,13 @@ class Compressor:
         quantized = quantize_dense(
             logical, bits, self.config.group_size, hessian=hessian, act_order=self.act_order, damp=self.damp
         )
-        tensors = encode_quantized_dense(quantized)
-        restored = decode_quantized_dense(tensors, tuple(logical.shape))
-        report = ModuleReport(
-            spec.name,
-            spec.role,
-            layout.QUANTIZED,
-            list(logical.shape),
-            bits=bits,
-            bytes=tensors_nbytes(tensors),
-            frobenius_error=relative_error(logical, restored),
-            output_error=output_error(logical, restored, hessian) if hessian is not None else None,
+        restored = dequantize_groupwise(quantized)
+        return _quantized_item(
+            spec,
+            quantized,
+            relative_error(logical, restored),
+            output_error(logical, restored, hessian) if hessian is not None else None,
         )
-        return Compressed(tensors, report)
 
     def _quantized_rows(self, spec, bits: int) -> Compressed:
         """An embedding's delta group-quantized at `bits` by round-to-nearest, a block of rows at a time (groups lie
@@ -251,17 +244,7 @@ class Compressor:
             bits=bits,
             group_size=self.config.group_size,
         )
-        tensors = encode_quantized_dense(quantized)
-        report = ModuleReport(
-            spec.name,
-            spec.role,
-            layout.QUANTIZED,
-            list(quantized.shape),
-            bits=bits,
-            bytes=tensors_nbytes(tensors),
-            frobenius_error=math.sqrt(error / total) if total else 0.0,
-        )
-        return Compressed(tensors, report)
+        return _quantized_item(spec, quantized, math.sqrt(error / total) if total else 0.0)
 
     def _lowrank_rows(self, spec, bits: list[int]) -> Compressed:
         """An embedding's low-rank delta from its complete planning spectrum (right singular vectors), the left ones
@@ -371,6 +354,24 @@ def compress_unit(
     reports = [item.report for item in kept.values()]
     staging.write_unit(position, {name: item.tensors for name, item in kept.items()}, reports)
     return reports
+
+
+def _quantized_item(
+    spec: ModuleSpec, quantized: GroupQuantized, frobenius_error: float, output_error: float | None = None
+) -> Compressed:
+    """A group-quantized dense delta's pack tensors and report."""
+    tensors = encode_quantized_dense(quantized)
+    report = ModuleReport(
+        spec.name,
+        spec.role,
+        layout.QUANTIZED,
+        list(quantized.shape),
+        bits=quantized.bits,
+        bytes=tensors_nbytes(tensors),
+        frobenius_error=frobenius_error,
+        output_error=output_error,
+    )
+    return Compressed(tensors, report)
 
 
 def bit_runs(bits: Sequence[int]) -> list[BandSlice]:
