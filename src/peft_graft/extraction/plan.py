@@ -179,7 +179,6 @@ def _embedding_candidate(
     exact = min(affordable_entries, EXACT_ENTRIES)
     largest = LargestEntries(exact, positions=False)
     histogram = MagnitudeHistogram() if affordable_entries > exact else None
-    group_size = config.group_size
     known = cached_spectrum(staging, spec.name) if whole else None
     gram = torch.zeros(cols, cols, dtype=torch.float64) if whole and known is None else None
     energy = weighted = 0.0
@@ -197,7 +196,7 @@ def _embedding_candidate(
         largest.add(squared)
         if histogram is not None:
             histogram.add(squared)
-        for bits, error in rounding_errors(head, tuple(quantized), group_size, row_weights=weights).items():
+        for bits, error in rounding_errors(head, tuple(quantized), config.group_size, row_weights=weights).items():
             quantized[bits] += error
         if gram is not None:
             block = head.double()
