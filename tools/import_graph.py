@@ -26,7 +26,7 @@ LAYER_MODULES = {
     # glue: registers the tuner (model) and routes PEFT / transformers loading through the pack checks (hub)
     6: ["integrations", "_registration", "transformers_integration"],
     7: ["extraction", "checkpoint", "roles", "routing", "router"],
-    8: ["ops", "export", "fusion", "evaluation", "tasks", "sandbox", "metrics", "transfer"],
+    8: ["ops", "export", "fusion", "evaluation", "tasks", "sandbox", "metrics", "transfer", "serving"],
     9: ["_demo", "bundled", "recipes", "finetune", "cli", ""],
 }
 LAYERS = [(prefix, level) for level, prefixes in LAYER_MODULES.items() for prefix in prefixes]

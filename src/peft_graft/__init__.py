@@ -19,6 +19,7 @@ from .errors import (
     CheckpointMismatchError,
     ExportError,
     FusionError,
+    GenerationParameterError,
     GraftConfigError,
     GraftError,
     HubError,
@@ -27,7 +28,9 @@ from .errors import (
     PackFormatError,
     PickleCheckpointError,
     RoutingError,
+    ServerBusyError,
     TransferError,
+    UnknownModelError,
     UnsafePackError,
 )
 from .integrations import register as _register
@@ -66,6 +69,9 @@ _LAZY = {
     # operations on packs
     "export_lora": "ops",
     "merge_packs": "ops",
+    # serving
+    "GenerationEngine": "serving",
+    "SamplingParams": "serving",
 }
 
 if TYPE_CHECKING:
@@ -79,6 +85,7 @@ if TYPE_CHECKING:
     from .pack.folder import allow_unverified_weights
     from .pack.provenance import allow_base_mismatch
     from .routing import BaseModelEmbedder, GraftRouter, ManualRouter, PackSource, RoutedGraftModel, RouterConfig
+    from .serving import GenerationEngine, SamplingParams
 
 
 def __getattr__(name: str) -> Any:
@@ -106,6 +113,8 @@ __all__ = [
     "ExtractionOptions",
     "ExtractionReport",
     "FusionError",
+    "GenerationEngine",
+    "GenerationParameterError",
     "GraftConfig",
     "GraftConfigError",
     "GraftEmbedding",
@@ -126,7 +135,10 @@ __all__ = [
     "RoutedGraftModel",
     "RouterConfig",
     "RoutingError",
+    "SamplingParams",
+    "ServerBusyError",
     "TransferError",
+    "UnknownModelError",
     "UnsafePackError",
     "__version__",
     "allow_base_mismatch",

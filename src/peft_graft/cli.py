@@ -110,6 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the base's")
     merge.add_argument("--overwrite", action="store_true")
 
+    serve = commands.add_parser(
+        "serve", help="serve packs through an OpenAI-compatible API (model: a pack, the base, or 'auto' to route)"
+    )
+    serve.add_argument("router", nargs="?", help="router folder (its packs, and 'auto' routes with its classifier)")
+    serve.add_argument("--base", help="base model folder or Hub id (default: the one the router folder records)")
+    serve.add_argument("--pack", action="append", default=[], help="NAME=FOLDER, instead of a router (repeatable)")
+    serve.add_argument("--base-name", help="the model name that selects the base alone (default: its folder name)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get HTTP 429")
+    serve.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
+    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut off")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
     pull = commands.add_parser("pull", help="download a pack or router from the Hub into a folder")
     pull.add_argument("repo_id")
     pull.add_argument("folder", help="where to put it")
@@ -161,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "eval": _evaluate,
             "transfer": _transfer,
             "merge": _merge,
+            "serve": _serve,
         }
         handler = handlers[args.command]
         return handler(args)
@@ -347,6 +365,32 @@ def _merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"merged {len(args.pack)} pack(s) into {folder} ({args.method})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serving.launch import load_server, run
+
+    packs = {}
+    for item in args.pack:
+        name, separator, folder = item.partition("=")
+        if not separator or not name or not folder:
+            print(f"peft-graft: error: --pack {item!r} is not NAME=FOLDER", file=sys.stderr)
+            return 2
+        packs[name] = folder
+    app = load_server(
+        args.base,
+        router=args.router,
+        packs=packs,
+        base_name=args.base_name,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        default_max_tokens=args.max_tokens,
+        request_timeout=args.request_timeout,
+    )
+    run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -115,3 +115,26 @@ class FusionError(GraftError, ValueError):
 
 class TransferError(GraftError, ValueError):
     """A transfer run cannot run, or cannot resume, as asked."""
+
+
+# ----- serving ------------------------------------------------------------------------------------------------------
+
+
+class UnknownModelError(RoutingError):
+    """A request names a model the server does not serve (HTTP 404); `model` is the name it gave."""
+
+    def __init__(self, message: str, *, model: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class GenerationParameterError(GraftError, ValueError):
+    """A generation request holds a value the engine cannot honour (HTTP 400); `field` names it."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ServerBusyError(GraftError, OSError):
+    """The serving engine's queue is full (HTTP 429): retry later, or raise --max-queue."""

@@ -1,0 +1,5 @@
+"""Serving SkillPacks: the embedded continuous-batching engine, and the OpenAI-compatible server around it."""
+
+from .engine import ErrorEvent, FinishEvent, GenerationEngine, GenerationHandle, SamplingParams, TokenEvent
+
+__all__ = ["ErrorEvent", "FinishEvent", "GenerationEngine", "GenerationHandle", "SamplingParams", "TokenEvent"]

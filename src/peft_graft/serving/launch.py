@@ -1,0 +1,67 @@
+"""``peft-graft serve``: load a base with its packs (a router folder, or named pack folders) and serve them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..errors import GenerationParameterError, RoutingError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_server(
+    base: str | None,
+    *,
+    router: str | os.PathLike | None = None,
+    packs: Mapping[str, str] | None = None,
+    base_name: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_batch: int = 16,
+    max_queue: int = 64,
+    default_max_tokens: int = 256,
+    request_timeout: float = 600.0,
+):
+    """The FastAPI app for a router folder (``auto`` routes with its classifier) or for named packs on `base`
+    (a local folder or Hub id; a router folder's recorded base when omitted)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..routing import RoutedGraftModel, RouterConfig
+    from .app import create_app
+    from .engine import GenerationEngine
+
+    if (router is None) == (not packs):
+        raise RoutingError("serve a router folder, or packs given as NAME=FOLDER, not both and not neither")
+    if dtype not in DTYPES:
+        raise GenerationParameterError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", field="dtype")
+    if base is None:
+        base = RouterConfig.read(Path(router)).base_model_name_or_path if router is not None else None
+        if not base:
+            raise RoutingError("the router folder records no base model: pass --base")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if router is not None:
+        routed = RoutedGraftModel.from_pretrained(model, router, tokenizer)
+    else:
+        routed = RoutedGraftModel.from_packs(model, dict(packs), tokenizer)
+    engine = GenerationEngine(routed.model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    name = base_name or Path(str(base).rstrip("/")).name
+    return create_app(
+        engine,
+        base_name=name,
+        routed=routed,
+        default_max_tokens=default_max_tokens,
+        request_timeout=request_timeout,
+    )
+
+
+def run(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve `app` with uvicorn until interrupted."""
+    import uvicorn
+
+    logging.getLogger("peft_graft.serving").setLevel(log_level.upper())
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)

@@ -1,0 +1,100 @@
+"""The OpenAI request bodies the server accepts (the fields it honours; others are ignored, as OpenAI's own server
+ignores what it does not know), and OpenAI's error shape."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import GenerationParameterError
+from .engine import SamplingParams
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # not OpenAI's: vLLM's extension, with its meaning
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logprobs: Any = None
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        if self.n != 1:
+            raise GenerationParameterError("only n=1 is supported: send one request per completion", field="n")
+        if self.logprobs not in (None, False, 0):
+            raise GenerationParameterError("logprobs are not supported", field="logprobs")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=self.max_tokens or default_max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=tuple(stop),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise GenerationParameterError("only text content parts are supported", field="messages")
+                parts.append(part["text"])
+            return "".join(parts)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: Any = None
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        if self.tools:
+            raise GenerationParameterError("tools are not supported", field="tools")
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return super().sampling(default_max_tokens)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+    def text(self) -> str:
+        if self.echo or self.suffix:
+            raise GenerationParameterError("echo and suffix are not supported", field="echo" if self.echo else "suffix")
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise GenerationParameterError("send one prompt per request", field="prompt")
+            return self.prompt[0]
+        return self.prompt
+
+
+def error_body(message: str, kind: str, *, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape, which its clients turn into typed exceptions."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
