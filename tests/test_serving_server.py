@@ -3,6 +3,7 @@ real HTTP (uvicorn on a loopback port)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -22,8 +23,8 @@ from peft import get_peft_model
 from peft_graft import BASE_ADAPTER, GraftConfig, RoutedGraftModel
 from peft_graft.serving import GenerationEngine
 from peft_graft.serving.app import create_app
-from test_routing import _prompts
 
+from test_routing import _prompts
 from tiny_models import tiny_llama
 from word_skills import chat_tokenizer
 
@@ -59,9 +60,9 @@ class LoopbackServer:
         self.thread.join(30)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("packs")
+def routed_tiny_packs(folder) -> RoutedGraftModel:
+    """Two random packs ("math", "spell") on a tiny Llama with a chat template, and a router trained on chat
+    prompts of each skill."""
     for seed, skill in enumerate(SKILLS, start=1):
         base = tiny_llama(initializer_range=0.3)
         torch.manual_seed(seed)
@@ -72,6 +73,13 @@ def served(tmp_path_factory):
     tokenizer = chat_tokenizer()
     routed = RoutedGraftModel.from_packs(tiny_llama(initializer_range=0.3), {s: folder / s for s in SKILLS}, tokenizer)
     routed.fit_router({skill: [_chat(tokenizer, p) for p in _prompts(skill, 20, seed=0)] for skill in SKILLS})
+    return routed
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    routed = routed_tiny_packs(tmp_path_factory.mktemp("packs"))
+    tokenizer = routed.tokenizer
     engine = GenerationEngine(routed.model, tokenizer, max_batch=4, max_queue=8)
     with LoopbackServer(create_app(engine, base_name=BASE_NAME, routed=routed, request_timeout=60)) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -257,39 +265,48 @@ def test_the_openapi_schema_describes_the_endpoints(served):
     assert json.dumps(schema)  # serializable
 
 
-def test_the_serve_command_serves_a_saved_router_folder(served, tmp_path):
-    _, _, routed, _ = served
-    base = tmp_path / "base"
-    tiny_llama(initializer_range=0.3).save_pretrained(base)
-    routed.tokenizer.save_pretrained(base)
-    routed.save_pretrained(tmp_path / "router")
+def _serve_command(*arguments: str):
+    """`peft-graft serve ...` in its own process on a free port; yields the base URL, stops it after."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "peft_graft.cli", "serve", str(tmp_path / "router"), "--base", str(base)]
-    command += ["--port", str(port), "--base-name", "plain", "--max-batch", "2", "--log-level", "warning"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-m", "peft_graft.cli", "serve", *arguments, "--port", str(port)]
+    server = subprocess.Popen([*command, "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert server.poll() is None, server.stdout.read()
+            assert server.poll() is None, server.stdout.read().decode()
             try:
                 if _http(f"http://127.0.0.1:{port}/health")[0] == 200:
                     break
             except OSError:
                 assert time.monotonic() < deadline, "peft-graft serve did not start"
                 time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in client.models.list()] == ["auto", "math", "spell", "plain"]
-        question = _prompts("math", 1, seed=42)[0]
-        routed_here = client.chat.completions.create(
-            model="auto", messages=[{"role": "user", "content": question}], max_tokens=8, temperature=0
-        )
-        in_process = served[1].chat.completions.create(
-            model="auto", messages=[{"role": "user", "content": question}], max_tokens=8, temperature=0
-        )
-        assert routed_here.model == "math"
-        assert routed_here.choices[0].message.content == in_process.choices[0].message.content
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_the_serve_command_serves_a_router_folder_and_routes_as_a_gateway(served, tmp_path):
+    server, in_process, routed, _ = served
+    base = tmp_path / "base"
+    tiny_llama(initializer_range=0.3).save_pretrained(base)
+    routed.tokenizer.save_pretrained(base)
+    routed.save_pretrained(tmp_path / "router")
+    question = [{"role": "user", "content": _prompts("math", 1, seed=42)[0]}]
+    expected = in_process.chat.completions.create(model="auto", messages=question, max_tokens=8, temperature=0)
+    assert expected.model == "math"
+    common = [str(tmp_path / "router"), "--base", str(base)]
+    embedded = contextlib.contextmanager(_serve_command)(*common, "--base-name", "plain", "--max-batch", "2")
+    # the gateway forwards to the in-process server, which serves the packs by name and the base as "tiny-base"
+    gateway = contextlib.contextmanager(_serve_command)(
+        *common, "--upstream", server.url, "--engine", "peft-graft", "--upstream-model", BASE_NAME
+    )
+    for launched, base_name in ((embedded, "plain"), (gateway, "base")):  # the gateway names the base by its folder
+        with launched as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            assert [m.id for m in client.models.list()] == ["auto", "math", "spell", base_name]
+            answer = client.chat.completions.create(model="auto", messages=question, max_tokens=8, temperature=0)
+            assert answer.model_extra["route"]["pack"] == "math"
+            assert answer.choices[0].message.content == expected.choices[0].message.content

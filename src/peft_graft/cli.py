@@ -126,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
     serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut off")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--upstream", help="gateway mode: route, then forward to this OpenAI-compatible engine's URL")
+    serve.add_argument(
+        "--engine",
+        choices=["vllm", "sglang", "lorax", "llamacpp", "peft-graft"],
+        default="vllm",
+        help="how the upstream selects an adapter (gateway mode)",
+    )
+    serve.add_argument("--upstream-model", help="the upstream's name for the base (default: --base-name)")
+    serve.add_argument(
+        "--upstream-adapter",
+        action="append",
+        default=[],
+        help="PACK=NAME: the pack's adapter name upstream (default: the pack's name; llama.cpp: its --lora index)",
+    )
 
     pull = commands.add_parser("pull", help="download a pack or router from the Hub into a folder")
     pull.add_argument("repo_id")
@@ -371,17 +385,19 @@ def _merge(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .serving.launch import load_server, run
 
-    packs = {}
-    for item in args.pack:
-        name, separator, folder = item.partition("=")
-        if not separator or not name or not folder:
-            print(f"peft-graft: error: --pack {item!r} is not NAME=FOLDER", file=sys.stderr)
-            return 2
-        packs[name] = folder
+    pairs = {}
+    for flag, items in (("--pack", args.pack), ("--upstream-adapter", args.upstream_adapter)):
+        pairs[flag] = {}
+        for item in items:
+            name, separator, value = item.partition("=")
+            if not separator or not name or not value:
+                print(f"peft-graft: error: {flag} {item!r} is not NAME=VALUE", file=sys.stderr)
+                return 2
+            pairs[flag][name] = value
     app = load_server(
         args.base,
         router=args.router,
-        packs=packs,
+        packs=pairs["--pack"],
         base_name=args.base_name,
         device=args.device,
         dtype=args.dtype,
@@ -389,6 +405,10 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         default_max_tokens=args.max_tokens,
         request_timeout=args.request_timeout,
+        upstream=args.upstream,
+        engine=args.engine,
+        upstream_model=args.upstream_model,
+        adapters=pairs["--upstream-adapter"] or None,
     )
     run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,17 +45,25 @@ class Route:
 
 
 class ServedModels:
-    """The names a request may give: every loaded pack, the base, and ``auto`` when a router is loaded."""
+    """The names a request may give: every pack, the base, and ``auto`` when a router is loaded."""
 
-    def __init__(self, engine: GenerationEngine, *, base_name: str, routed=None) -> None:
-        self.engine, self.base_name, self.routed = engine, base_name, routed
-        self.packs = sorted(engine.adapters)
+    def __init__(self, packs: Sequence[str], *, base_name: str, routed=None) -> None:
+        self.base_name, self.routed = base_name, routed
+        self.packs = sorted(packs)
         if base_name in self.packs or base_name == AUTO:
             raise UnknownModelError(f"the base's name {base_name!r} is taken by a pack or by 'auto': choose another")
 
     @property
     def names(self) -> list[str]:
         return [*([AUTO] if self.routed is not None and self.routed.router is not None else []), *self.packs]
+
+    def listing(self, created: int) -> dict[str, Any]:
+        """The body of ``GET /v1/models``."""
+        entries = [*self.names, self.base_name]
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": created, "owned_by": "peft-graft"} for name in entries],
+        }
 
     def route(self, model: str, prompt: str) -> Route:
         if model == self.base_name:
@@ -79,7 +87,7 @@ def create_app(
     request_timeout: float = 600.0,
 ):
     """The FastAPI application serving `engine`'s packs (and `routed`'s router for ``model="auto"``)."""
-    served = ServedModels(engine, base_name=base_name, routed=routed)
+    served = ServedModels(engine.adapters, base_name=base_name, routed=routed)
     tokenizer = engine.tokenizer
     created = int(time.time())
 
@@ -91,14 +99,7 @@ def create_app(
     app = FastAPI(title="peft-graft", summary="SkillPacks behind an OpenAI-compatible API", lifespan=lifespan)
     app.state.served = served
 
-    def failure(status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
-        return JSONResponse(error_body(message, kind, code=code, param=param), status_code=status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError):
-        first = error.errors()[0] if error.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return failure(400, f"invalid request: {first.get('msg', error)}", "invalid_request_error", param=param)
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -106,17 +107,10 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        entries = [*served.names, served.base_name]
-        return {
-            "object": "list",
-            "data": [{"id": name, "object": "model", "created": created, "owned_by": "peft-graft"} for name in entries],
-        }
+        return served.listing(created)
 
     async def parse(request: Request, kind: type):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise GenerationParameterError(f"the body is not valid JSON: {error}", field=None) from None
+        body = await json_body(request)
         try:
             return kind.model_validate(body)
         except ValidationError as error:
@@ -128,7 +122,7 @@ def create_app(
         try:
             body = await parse(request, kind)
             if chat:
-                prompt = _chat_prompt(tokenizer, [m.model_dump() | {"content": m.text()} for m in body.messages])
+                prompt = chat_prompt(tokenizer, [m.model_dump() | {"content": m.text()} for m in body.messages])
             else:
                 prompt = body.text()
             params = body.sampling(default_max_tokens)
@@ -178,7 +172,29 @@ def create_app(
     return app
 
 
-def _chat_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
+def failure(status: int, message: str, kind: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, code=code, param=param), status_code=status)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """FastAPI's own validation errors (422) in OpenAI's shape, as 400."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return failure(400, f"invalid request: {first.get('msg', error)}", "invalid_request_error", param=param)
+
+
+async def json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise GenerationParameterError(f"the body is not valid JSON: {error}", field=None) from None
+
+
+def chat_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
+    """The text a chat request's messages make (what the model reads, and what the router embeds)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise GenerationParameterError(
             "this model's tokenizer has no chat template: use /v1/completions", field="messages"

@@ -24,9 +24,15 @@ def load_server(
     max_queue: int = 64,
     default_max_tokens: int = 256,
     request_timeout: float = 600.0,
+    upstream: str | None = None,
+    engine: str = "vllm",
+    upstream_model: str | None = None,
+    adapters: Mapping[str, str] | None = None,
 ):
     """The FastAPI app for a router folder (``auto`` routes with its classifier) or for named packs on `base`
-    (a local folder or Hub id; a router folder's recorded base when omitted)."""
+    (a local folder or Hub id; a router folder's recorded base when omitted). With `upstream`, the routing gateway
+    in front of that engine (`engine` names its adapter convention, see ``serving.gateway.ENGINES``) instead of the
+    embedded engine; the base model is still loaded, for the router's embeddings."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,10 +54,24 @@ def load_server(
         routed = RoutedGraftModel.from_pretrained(model, router, tokenizer)
     else:
         routed = RoutedGraftModel.from_packs(model, dict(packs), tokenizer)
-    engine = GenerationEngine(routed.model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     name = base_name or Path(str(base).rstrip("/")).name
+    if upstream is not None:
+        from .gateway import create_gateway
+
+        return create_gateway(
+            upstream,
+            packs=routed.labels,
+            base_name=name,
+            tokenizer=tokenizer,
+            routed=routed,
+            engine=engine,
+            upstream_model=upstream_model,
+            adapters=adapters,
+            request_timeout=request_timeout,
+        )
+    generation = GenerationEngine(routed.model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     return create_app(
-        engine,
+        generation,
         base_name=name,
         routed=routed,
         default_max_tokens=default_max_tokens,
