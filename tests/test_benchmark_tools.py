@@ -62,3 +62,44 @@ def test_quality_plot_renders_headless(tmp_path):
     assert path.parent == tmp_path
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_one_skill_runs_merge_into_the_full_results_with_their_own_targets(tmp_path, monkeypatch):
+    import json
+
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    for skill, prompts, kl in (("arithmetic", 500, 1e-3), ("letters", 300, 2e-3)):
+        rows = [
+            {
+                "skill": skill,
+                "method": method,
+                "budget": "1/16",
+                "ratio": 0.0625,
+                "kl": kl * factor,
+                "kl_se": kl / 10,
+                "accuracy": 0.4,
+                "retention": 1.0,
+                "retention_se": 0.05,
+                "relative_error": 0.1,
+            }
+            for method, factor in (("graft", 1.0), ("graft data-free", 2.0), ("lowrank (mergekit)", 10.0))
+        ]
+        summary = {"recipe": {"task": skill, "options": {}, "steps": 200}, "base": 0.01, "finetuned_accuracy": 0.41}
+        summary |= {"held_out": prompts, "answered": 200}
+        record = {"machine": {"date": f"2026-12-0{prompts // 100}"}, "skills": {skill: summary}, "rows": rows}
+        (tmp_path / f"quality-{skill}.json").write_text(json.dumps(record | {"seconds": 10.0}))
+
+    quality._merge(["arithmetic", "letters"])
+
+    merged = json.loads((tmp_path / "quality.json").read_text())
+    assert list(merged["skills"]) == ["arithmetic", "letters"] and len(merged["rows"]) == 6
+    assert [(t["skill"], t["kl_ratio"], t["calibrated_vs_data_free"]) for t in merged["targets"]] == [
+        ("arithmetic", pytest.approx(0.1), pytest.approx(0.5)),
+        ("letters", pytest.approx(0.1), pytest.approx(0.5)),
+    ]
+    table = (tmp_path / "quality.md").read_text()
+    assert "KL on 300 held-out questions, accuracy on 200 of them (measured 2026-12-03)" in table
+    assert (tmp_path / "retention_vs_bytes.png").read_bytes()[:4] == b"\x89PNG"

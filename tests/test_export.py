@@ -8,12 +8,13 @@ import logging
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peft_graft import GraftConfig
 from peft_graft.cli import main as cli
 from peft_graft.errors import ExportError
-from peft_graft.ops import export_lora
+from peft_graft.ops import export_gguf, export_lora, export_vllm
 
 from tiny_models import BUILDERS, token_batch
 
@@ -108,3 +109,101 @@ def test_peft_convert_to_lora_refuses_a_pack_with_deltas_lora_cannot_hold(tmp_pa
     pack = _pack("llama", tmp_path / "pack", ["q_proj", "embed_tokens", "input_layernorm"], r=4)
     with pytest.raises(TypeError, match="do not support LoRA conversion"):
         convert_to_lora(pack, rank=4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_lora_holds_every_pairs_exact_delta_under_llama_cpps_names_and_scaling(arch, tmp_path):
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    _pack(arch, tmp_path / "pack", targets, r=6, rank_pattern={"v_proj": 3, "k_proj": 4})
+    base_dir = tmp_path / "base"
+    base = BUILDERS[arch]()
+    base.save_pretrained(base_dir)
+    lora = export_lora(tmp_path / "pack", tmp_path / "lora")
+    expected = {  # the pack's delta per module, as its (exact) PEFT LoRA export computes it
+        module: lora_b @ lora_a
+        for module in lora.lora_modules
+        for lora_a, lora_b in [
+            (
+                load_file(tmp_path / "lora" / "adapter_model.safetensors")[f"base_model.model.{module}.lora_A.weight"],
+                load_file(tmp_path / "lora" / "adapter_model.safetensors")[f"base_model.model.{module}.lora_B.weight"],
+            )
+        ]
+    }
+
+    report = export_gguf(tmp_path / "pack", tmp_path / "pack.gguf", base=base_dir)
+
+    reader = gguf.GGUFReader(tmp_path / "pack.gguf")
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    assert fields["general.architecture"] == arch and fields["general.type"] == "adapter"
+    assert fields["adapter.type"] == "lora" and fields["adapter.lora.alpha"] == 6.0
+    stored = {tensor.name: torch.from_numpy(tensor.data.copy()) for tensor in reader.tensors}
+    assert len(stored) == 2 * len(expected) == 2 * len(report.lora_modules)
+    config = {"num_attention_heads": base.config.num_attention_heads, "num_key_value_heads": 2}
+    for module, delta in expected.items():
+        layer, kind = module.split(".")[2], module.rsplit(".", 1)[1]
+        name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "down_proj": "ffn_down"}[kind]
+        a, b = stored[f"blk.{layer}.{name}.weight.lora_a"], stored[f"blk.{layer}.{name}.weight.lora_b"]
+        rank = a.shape[0]
+        assert a.shape == (rank, delta.shape[1]) and b.shape == (delta.shape[0], rank)
+        product = (6.0 / rank) * (b @ a)  # llama.cpp's scale: alpha / rank
+        if arch == "llama" and name in ("attn_q", "attn_k"):  # undo the rotary row order as transformers does
+            processed = LlamaTensorProcessor(config=config).process(product.numpy(), f"blk.{layer}.{name}.weight")
+            product = torch.from_numpy(processed.weights)
+        torch.testing.assert_close(product, delta, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileExistsError):
+        export_gguf(tmp_path / "pack", tmp_path / "pack.gguf", base=base_dir)
+    with pytest.raises(ExportError, match=r"config\.json"):
+        export_gguf(tmp_path / "pack", tmp_path / "other.gguf", base=tmp_path)
+
+
+def test_vllm_export_writes_a_lora_per_pack_and_the_exact_launch_commands(tmp_path, capsys):
+    import shutil
+
+    targets = ["q_proj", "v_proj", "down_proj", "embed_tokens", "input_layernorm"]
+    base_dir = tmp_path / "base"
+    BUILDERS["llama"]().save_pretrained(base_dir)
+    for name, seed, options in (("math", 3, {"r": 6, "rank_pattern": {"v_proj": 3}}), ("code", 11, {"r": 4})):
+        base = AutoModelForCausalLM.from_pretrained(base_dir)  # so that the packs record their base folder
+        torch.manual_seed(seed)
+        config = GraftConfig(target_modules=targets, init_weights=False, **options)
+        get_peft_model(base, config).save_pretrained(tmp_path / name)
+    first = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "math").eval()
+
+    report = export_vllm({"math": tmp_path / "math", "code": tmp_path / "code"}, tmp_path / "vllm")
+
+    single = export_lora(tmp_path / "math", tmp_path / "math-lora")
+    assert (
+        load_file(tmp_path / "vllm" / "math" / "adapter_model.safetensors").keys()
+        == load_file(tmp_path / "math-lora" / "adapter_model.safetensors").keys()
+    )
+    assert report.packs["math"].dropped == single.dropped and "model.embed_tokens" in single.dropped
+    launch = json.loads((tmp_path / "vllm" / "launch.json").read_text())
+    assert launch["vllm"][:4] == ["vllm", "serve", report.base, "--enable-lora"]
+    modules = launch["vllm"][launch["vllm"].index("--lora-modules") + 1 : launch["vllm"].index("--max-lora-rank")]
+    assert modules == [f"math={tmp_path / 'vllm' / 'math'}", f"code={tmp_path / 'vllm' / 'code'}"]
+    assert launch["max_lora_rank"] == 8 and launch["vllm"][launch["vllm"].index("--max-lora-rank") + 1] == "8"
+    assert launch["gateway"][:3] == ["peft-graft", "serve", "ROUTER_FOLDER"] and "--upstream" in launch["gateway"]
+    for name in ("math", "code"):  # plain LoRA folders PEFT loads
+        assert LoraConfig.from_pretrained(tmp_path / "vllm" / name).peft_type == "LORA"
+
+    with pytest.raises(ExportError, match="carry different"):  # one merged base cannot serve both packs
+        export_vllm({"math": tmp_path / "math", "code": tmp_path / "code"}, tmp_path / "merged", base=base_dir)
+    assert not (tmp_path / "merged").exists()
+
+    shutil.copytree(tmp_path / "math", tmp_path / "math-again")  # packs that agree on the non-LoRA parts
+    shared = export_vllm({"a": tmp_path / "math", "b": tmp_path / "math-again"}, tmp_path / "shared", base=base_dir)
+    assert shared.base == str(tmp_path / "shared" / "base") and sorted(shared.packs["a"].merged) == sorted(
+        single.dropped
+    )
+    merged_base = AutoModelForCausalLM.from_pretrained(tmp_path / "shared" / "base", dtype=torch.float32)
+    served = PeftModel.from_pretrained(merged_base, tmp_path / "shared" / "a").eval()
+    torch.testing.assert_close(_logits(served), _logits(first), rtol=2e-2, atol=2e-2)  # bf16 merged base
+
+    assert cli(["export", "--to", "vllm", str(tmp_path / "math"), str(tmp_path / "code"), str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "2 LoRA adapters" in out and "vllm serve" in out and "--engine vllm" in out
+    assert cli(["export", "--to", "gguf", str(tmp_path / "math"), str(tmp_path / "code"), str(tmp_path / "x")]) == 2
+    assert "exports one pack" in capsys.readouterr().err

@@ -199,3 +199,15 @@ def test_a_full_queue_refuses_and_bad_requests_are_refused_before_queueing(tmp_p
     with pytest.raises(GenerationParameterError) as error:
         SamplingParams(temperature=3.0)
     assert error.value.field == "temperature"
+
+
+def test_ignore_eos_runs_past_the_end_of_turn_to_max_tokens(tmp_path):
+    model, tokenizer = _packed_model("llama", tmp_path), tiny_tokenizer()
+    ids = tokenizer(PROMPTS[4])["input_ids"]
+    with GenerationEngine(model, tokenizer) as engine:
+        ended = engine.generate(ids, "one", SamplingParams(max_tokens=12, temperature=0))
+        assert ended.finish_reason == "stop" and ended.token_ids[-1] in engine.eos_token_ids
+        assert len(ended.token_ids) < 12
+        running = engine.generate(ids, "one", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert running.finish_reason == "length" and len(running.token_ids) == 12
+    assert running.token_ids[: len(ended.token_ids)] == ended.token_ids

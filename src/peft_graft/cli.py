@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .errors import GraftError
+from .errors import ExportError, GraftError
 
 
 def _bands(text: str) -> list[tuple[int | None, int]]:
@@ -54,10 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--message", help="commit message")
     push.add_argument("--token")
 
-    export = commands.add_parser("export", help="write a pack as a standard PEFT LoRA adapter (vLLM, LoRAX, TGI)")
-    export.add_argument("--to", choices=["lora"], default="lora", help="target format")
-    export.add_argument("pack", help="pack folder")
-    export.add_argument("output", help="LoRA adapter folder to create")
+    export = commands.add_parser(
+        "export", help="write packs for other engines: a PEFT LoRA adapter, vLLM's LoRA set, or a GGUF LoRA"
+    )
+    export.add_argument(
+        "--to",
+        choices=["lora", "vllm", "gguf"],
+        default="lora",
+        help="lora: one PEFT LoRA folder; vllm: a LoRA folder per pack plus the vllm and gateway commands; gguf: a "
+        "llama.cpp / Ollama LoRA file",
+    )
+    export.add_argument("pack", nargs="+", help="pack folder (vllm: several, or one router folder)")
+    export.add_argument("output", help="folder (lora, vllm) or .gguf file to create")
     export.add_argument("--base", help="base model folder: with --merged-base, merge the deltas LoRA cannot hold")
     export.add_argument("--merged-base", help="where to save the base with those deltas merged in")
     export.add_argument(
@@ -279,15 +287,30 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .ops import export_lora
+    from .ops import export_gguf, export_lora, export_vllm
 
+    if args.to != "vllm" and len(args.pack) != 1:
+        print(f"peft-graft: error: --to {args.to} exports one pack (got {len(args.pack)})", file=sys.stderr)
+        return 2
+    if args.to == "vllm":
+        if args.merged_base:
+            print("peft-graft: error: --to vllm writes the merged base itself: give --base only", file=sys.stderr)
+            return 2
+        router, packs = _packs_of(args.pack)
+        report = export_vllm(packs, args.output, base=args.base, router=router, overwrite=args.overwrite)
+        print(report.summary())
+        return 0
+    if args.to == "gguf":
+        report = export_gguf(args.pack[0], args.output, base=args.base, overwrite=args.overwrite)
+        print(report.summary())
+        return 0
     if (args.base is None) != (args.merged_base is None):
         print("peft-graft: error: --base and --merged-base go together", file=sys.stderr)
         return 2
     import torch
 
     report = export_lora(
-        args.pack,
+        args.pack[0],
         args.output,
         base=args.base,
         merged_base_dir=args.merged_base,
@@ -296,6 +319,23 @@ def _export(args: argparse.Namespace) -> int:
     )
     print(report.summary())
     return 0
+
+
+def _packs_of(inputs: list[str]):
+    """A router folder's packs by name (and the folder), or pack folders named after themselves."""
+    from pathlib import Path
+
+    from .routing import RouterConfig
+    from .routing.config import ROUTER_CONFIG, inside
+
+    if len(inputs) == 1 and (Path(inputs[0]) / ROUTER_CONFIG).is_file():
+        root = Path(inputs[0])
+        config = RouterConfig.read(root)
+        local = {name: inside(root, source["path"]) for name, source in config.packs.items() if "path" in source}
+        if len(local) != len(config.packs):
+            raise ExportError("the router references Hub packs: pull it with its packs first (peft-graft pull)")
+        return str(root), local
+    return None, {Path(folder).name: folder for folder in inputs}
 
 
 def _evaluate(args: argparse.Namespace) -> int:

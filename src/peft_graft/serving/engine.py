@@ -37,6 +37,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         checks = {
@@ -315,7 +316,7 @@ class GenerationEngine:
 
     def _emit(self, row: _Row, token: int) -> None:
         """Send the text `token` adds, holding back an unfinished character or a possible stop string's start."""
-        eos = token in self.eos_token_ids
+        eos = token in self.eos_token_ids and not row.params.ignore_eos
         text = self.tokenizer.decode(row.tokens[:-1] if eos else row.tokens, skip_special_tokens=True)
         reason = "stop" if eos else ("length" if len(row.tokens) >= row.params.max_tokens else None)
         cut = _stop_index(text, row.params.stop, row.emitted)

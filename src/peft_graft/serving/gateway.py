@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .._mixed_batch import BASE_ADAPTER
 from ..errors import GenerationParameterError, UnknownModelError
-from .app import Route, ServedModels, add_error_handlers, chat_prompt, failure, json_body
+from .app import AUTO, Route, ServedModels, add_error_handlers, chat_prompt, failure, json_body
 
 logger = logging.getLogger("peft_graft.serving")
 
@@ -129,8 +129,10 @@ def create_gateway(
             body = await json_body(request)
             if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                 raise GenerationParameterError("the body must be a JSON object with a 'model' string", field="model")
-            text = _routing_text(tokenizer, body, chat)
-            route = await asyncio.to_thread(served.route, body["model"], text)
+            if body["model"] == AUTO:  # the router embeds the prompt: a model forward, off the event loop
+                route = await asyncio.to_thread(served.route, AUTO, _routing_text(tokenizer, body, chat))
+            else:
+                route = served.route(body["model"], "")
         except UnknownModelError as error:
             return failure(404, str(error), "invalid_request_error", code="model_not_found", param="model")
         except GenerationParameterError as error:

@@ -27,6 +27,7 @@ class _Request(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logprobs: Any = None
+    ignore_eos: bool = False  # vLLM's extension, with its meaning
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         if self.n != 1:
@@ -43,6 +44,7 @@ class _Request(BaseModel):
             stop=tuple(stop),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            ignore_eos=self.ignore_eos,
         )
 
     @property
