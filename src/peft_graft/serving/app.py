@@ -23,7 +23,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 
 from .._mixed_batch import BASE_ADAPTER
 from ..errors import GenerationParameterError, ServerBusyError, UnknownModelError
@@ -71,6 +70,8 @@ class ServedModels:
         if model in self.packs:
             return Route(model, model, None)
         if model == AUTO and AUTO in self.names:
+            if not prompt:
+                raise GenerationParameterError("the prompt is empty: there is nothing to route", field="prompt")
             [(adapter, probability)] = self.routed.route([prompt])
             name = self.base_name if adapter == BASE_ADAPTER else adapter
             return Route(adapter, name, float(probability))
@@ -98,8 +99,17 @@ def create_app(
 
     app = FastAPI(title="peft-graft", summary="SkillPacks behind an OpenAI-compatible API", lifespan=lifespan)
     app.state.served = served
-
     add_error_handlers(app)
+    plain_schema = app.openapi
+
+    def schema_with_models() -> dict[str, Any]:
+        """The OpenAPI schema, with the served model names as the `model` field's values."""
+        schema = plain_schema()
+        for request in ("ChatCompletionRequest", "CompletionRequest"):
+            schema["components"]["schemas"][request]["properties"]["model"]["enum"] = [*served.names, base_name]
+        return schema
+
+    app.openapi = schema_with_models
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -109,18 +119,8 @@ def create_app(
     async def models() -> dict[str, Any]:
         return served.listing(created)
 
-    async def parse(request: Request, kind: type):
-        body = await json_body(request)
+    async def complete(request: Request, body: ChatCompletionRequest | CompletionRequest, chat: bool):
         try:
-            return kind.model_validate(body)
-        except ValidationError as error:
-            first = error.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise GenerationParameterError(f"invalid request: {param}: {first['msg']}", field=param) from None
-
-    async def complete(request: Request, kind: type, chat: bool):
-        try:
-            body = await parse(request, kind)
             if chat:
                 prompt = chat_prompt(tokenizer, [m.model_dump() | {"content": m.text()} for m in body.messages])
             else:
@@ -162,12 +162,12 @@ def create_app(
         return JSONResponse(shape.whole(finish), headers=headers)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await complete(request, ChatCompletionRequest, chat=True)
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        return await complete(request, body, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await complete(request, CompletionRequest, chat=False)
+    async def completions(request: Request, body: CompletionRequest):
+        return await complete(request, body, chat=False)
 
     return app
 
@@ -182,8 +182,12 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
+        if first.get("type") == "json_invalid":
+            detail = (first.get("ctx") or {}).get("error", "")
+            return failure(400, f"the body is not valid JSON: {detail}", "invalid_request_error")
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return failure(400, f"invalid request: {first.get('msg', error)}", "invalid_request_error", param=param)
+        message = f"invalid request: {param + ': ' if param else ''}{first.get('msg', error)}"
+        return failure(400, message, "invalid_request_error", param=param)
 
 
 async def json_body(request: Request) -> Any:

@@ -59,7 +59,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below 1e-5 (vLLM's threshold too) dividing the logits by the temperature overflows: that is greedy anyway
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,12 @@ class GenerationEngine:
         for index, row in enumerate(rows):
             if row.cancelled:
                 continue
-            token = _choose(logits[index], row)
+            try:
+                token = _choose(logits[index], row)
+            except RuntimeError as error:  # this row's sampling failed: fail it alone, not its batch
+                row.done = True
+                row.send(ErrorEvent(error))
+                continue
             row.tokens.append(token)
             self._emit(row, token)
         self._retire()
@@ -372,6 +378,7 @@ def _choose(logits: torch.Tensor, row: _Row) -> int:
         ordered, order = torch.sort(logits, descending=True)
         cumulative = ordered.softmax(-1).cumsum(-1)
         drop = cumulative - ordered.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False  # the likeliest token always stays (a top_p below float32's range rounds to 0)
         logits = logits.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
     probabilities = logits.softmax(-1)
     return int(torch.multinomial(probabilities, 1, generator=row.generator))
