@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM := false
 # one) recompiles torch and transformers in memory, since PYTHONDONTWRITEBYTECODE may be set.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: test test-real test-lowest test-latest lock demo serve-demo gemma bench bench-quick bench-scale fuzz lint format clean
+.PHONY: test test-real test-lowest test-latest lock demo serve-demo gemma bench bench-quick bench-scale bench-serving fuzz lint format clean
 
 # uv is the one package installed before uv exists: by pip, pinned and hash-checked from uv.lock.
 $(UV):
@@ -73,10 +73,16 @@ bench-quick: $(UV)
 ## make bench: the full benchmarks (quality: two skills, six budgets, 500 questions; cost, inference). On 2 CPU
 ## cores the quality run alone takes about 45 min per skill, plus about 25 min per skill to train its fine-tune once
 bench: $(UV)
-	$(call sync,test demo bench,smollm2)
+	$(call sync,test demo bench serve,smollm2)
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/cost.py
 	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/serving.py
+
+## make bench-serving: peft-graft serve under 1-64 concurrent clients, batched vs serial, the gateway (about 8 min)
+bench-serving: $(UV)
+	$(call sync,test demo bench serve,smollm2)
+	$(BIN)/python benchmarks/serving.py
 
 ## make bench-scale: extraction memory and time from 135M to Llama-3.1-8B shapes (synthetic pairs, 25 GB of disk in
 ## ~/.cache/peft-graft/scale, about an hour on 2 CPU cores)

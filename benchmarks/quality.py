@@ -1,7 +1,8 @@
 """Quality per byte: every method compresses the same real deltas (SmolLM2-135M-Instruct -> two skill fine-tunes) at
 the same byte budgets, and is scored in one process, side by side.
 
-    python benchmarks/quality.py [--quick] [--skills arithmetic,letters] [--prompts N]
+    python benchmarks/quality.py [--quick] [--skills arithmetic,letters] [--prompts N] [--accuracy-prompts N]
+    python benchmarks/quality.py --merge arithmetic,letters   # quality.* from the one-skill runs quality-<skill>.*
 
 Methods (bytes = what each stores, all deltas included; fp16 delta = 2 bytes per parameter):
 - ``graft``: peft-graft's default (``forms="any"``), calibrated (GPTQ) at the budget;
@@ -70,17 +71,27 @@ PEERS = ("lowrank (mergekit)", "DARE", "BitDelta", "RTN int8", "RTN int4", "RTN 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--quick", action="store_true", help="arithmetic at 1/16 and 1/64, KL on 200 questions, accuracy on 100"
+        "--quick",
+        action="store_true",
+        help="arithmetic at 1/16 and 1/64, KL on 100 questions, accuracy on 50, without the LoRA-profile row",
     )
     parser.add_argument("--skills", help=f"comma-separated, from {', '.join(SKILLS)} (default: all; quick: arithmetic)")
-    parser.add_argument("--prompts", type=int, help="held-out questions per skill (default: 500, quick: 200)")
+    parser.add_argument("--prompts", type=int, help="held-out questions per skill (default: 500, quick: 100)")
     parser.add_argument(
         "--accuracy-prompts", type=int, help="of those, how many are also answered by generation (default: all)"
     )
     parser.add_argument(
         "--plot-only", action="store_true", help="recompute the targets, tables and plots from the saved rows"
     )
+    parser.add_argument(
+        "--merge",
+        metavar="SKILLS",
+        help="write the full results (quality.json, .md, plot) from the one-skill runs quality-<skill>.json",
+    )
     args = parser.parse_args()
+    if args.merge:
+        _merge(args.merge.split(","))
+        return
     suffix = "-quick" if args.quick else ""
     if args.skills and not args.quick:  # a partial run never overwrites the full results
         suffix = "-" + "-".join(args.skills.split(","))
@@ -98,11 +109,11 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     budgets = {k: BUDGETS[k] for k in QUICK_BUDGETS} if args.quick else BUDGETS
     skills = args.skills.split(",") if args.skills else list(QUICK_SKILLS if args.quick else SKILLS)
-    prompts_n = args.prompts or (200 if args.quick else 500)
+    prompts_n = args.prompts or (100 if args.quick else 500)
     started = time.perf_counter()
     rows, summaries = [], {}
     for skill in skills:
-        accuracy_n = args.accuracy_prompts or (100 if args.quick else None)
+        accuracy_n = args.accuracy_prompts or (50 if args.quick else None)
         skill_rows, summary = _run_skill(skill, SKILLS[skill], budgets, prompts_n, accuracy_n, args.quick)
         rows += skill_rows
         summaries[skill] = summary
@@ -114,6 +125,22 @@ def main() -> None:
     _plot(rows, summaries, suffix)
     print(table)
     print(f"total {time.perf_counter() - started:.0f} s")
+
+
+def _merge(skills: list[str]) -> None:
+    """The full results from one run per skill (each in its own process, possibly with its own --prompts): each
+    skill's summary keeps its question counts and the date it was measured."""
+    rows, summaries, seconds = [], {}, 0.0
+    for skill in skills:
+        saved = json.loads((RESULTS / f"quality-{skill}.json").read_text())
+        rows += [r for r in saved["rows"] if r["skill"] == skill]
+        summaries[skill] = {**saved["skills"][skill], "measured": saved["machine"]["date"]}
+        seconds += saved.get("seconds") or 0.0
+    targets = _targets(rows, summaries)
+    table = _tables(rows, summaries, targets)
+    write_results("quality", {"skills": summaries, "rows": rows, "targets": targets, "seconds": seconds}, table)
+    _plot(rows, summaries, "", folder=RESULTS)
+    print(table)
 
 
 def _run_skill(
@@ -199,11 +226,8 @@ def _run_skill(
 
     rows = []
     for label, budget in budgets.items():
-        for name, calibrated, forms in (
-            ("graft", True, "any"),
-            ("graft data-free", False, "any"),
-            ("graft lowrank", False, "lowrank"),
-        ):
+        variants = [("graft", True, "any"), ("graft data-free", False, "any"), ("graft lowrank", False, "lowrank")]
+        for name, calibrated, forms in variants[:2] if quick else variants:
             pack = work / f"{name}-{budget}"
             t0 = time.perf_counter()
             report = extract_skillpack(
@@ -333,7 +357,9 @@ def _tables(rows: list[dict], summaries: dict, targets: list[dict]) -> str:
             f"### {skill}: {summary['recipe']['task']} {summary['recipe']['options']}, "
             f"{summary['recipe']['steps']}-step fine-tune; base {summary['base']:.4f}, "
             f"fine-tune {summary['finetuned_accuracy']:.4f}; KL on {summary['held_out']} held-out questions, accuracy "
-            f"on {summary.get('answered', summary['held_out'])} of them\n"
+            f"on {summary.get('answered', summary['held_out'])} of them"
+            + (f" (measured {summary['measured']})" if "measured" in summary else "")
+            + "\n"
         )
         table_rows = [
             [
