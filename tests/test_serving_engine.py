@@ -187,6 +187,9 @@ def test_a_full_queue_refuses_and_bad_requests_are_refused_before_queueing(tmp_p
         handles += [engine.submit(ids, "one", SamplingParams(max_tokens=2), lambda e: None) for _ in range(2)]
         with pytest.raises(ServerBusyError, match="queue is full"):
             engine.submit(ids, "one", SamplingParams(max_tokens=2), lambda e: None)
+        handles[1].cancel()  # a cancelled request frees its place in the queue at once
+        handles.append(engine.submit(ids, "one", SamplingParams(max_tokens=2), lambda e: None))
+        assert engine.load == {"running": 1, "waiting": 2}
         with pytest.raises(UnknownModelError, match="no pack named 'three'"):
             engine.submit(ids, "three", SamplingParams(), lambda e: None)
         with pytest.raises(GenerationParameterError, match="exceeds the model's context of 128"):

@@ -89,7 +89,7 @@ class ErrorEvent:
 Event = TokenEvent | FinishEvent | ErrorEvent
 
 
-@dataclass
+@dataclass(eq=False)  # rows are compared by identity (the queue removes the very row cancelled)
 class _Row:
     """One request in the engine: its prompt, pack, sampling state, and what it generated so far."""
 
@@ -121,7 +121,7 @@ class GenerationHandle:
 
     def cancel(self) -> None:
         self._row.cancelled = True
-        self._engine._wake()
+        self._engine._drop(self._row)
 
     @property
     def done(self) -> bool:
@@ -235,8 +235,11 @@ class GenerationEngine:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def _wake(self) -> None:
+    def _drop(self, row: _Row) -> None:
+        """A cancelled request leaves the queue at once (its place is free); a running one at the next step."""
         with self._condition:
+            if row in self._waiting:
+                self._waiting.remove(row)
             self._condition.notify()
 
     # ----- the scheduler ------------------------------------------------------------------------------------------
