@@ -1,0 +1,283 @@
+"""Serving under load: ``peft-graft serve`` on SmolLM2-135M with two packs (the quality benchmark's skills), driven
+by concurrent clients that send mixed-skill chat requests (``model="auto"``) over HTTP, each in a closed loop.
+
+    python benchmarks/serving.py [--quick] [--seconds S]
+
+- **Dynamic batching**: the embedded engine (``--max-batch 64``) against one request at a time (``--max-batch 1``),
+  at 1, 4, 16 and 64 clients: generated tokens per second, and p50 / p99 request latency.
+- **Gateway overhead**: ``peft-graft serve --upstream`` in front of the embedded server, requests naming a pack (no
+  routing), against the same requests sent to the server directly, one client: the added p50 latency.
+- **Routing cost**: the router's time per query (one base-model forward) against a 64-token generation.
+
+Every request asks for 64 tokens with ``ignore_eos`` (the answers themselves are 1-3 tokens), greedy. The server and
+the gateway run in their own processes; the clients are asyncio tasks sharing one httpx client in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, write_results
+from quality import SKILLS  # the quality benchmark's two 200-step fine-tunes (cached once trained)
+
+from peft_graft import RoutedGraftModel, extract_skillpack
+from peft_graft._demo.bundled import bundled_model
+from peft_graft._demo.recipes import finetuned_skill
+from peft_graft.evaluation.tasks import SYSTEM_PROMPT, chat_prompt
+
+CLIENTS = (1, 4, 16, 64)
+NEW_TOKENS = 64
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 and 16 clients, 20 s each")
+    parser.add_argument("--seconds", type=float, help="load per setting (default: 40, quick: 20)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    seconds = args.seconds or (20.0 if args.quick else 40.0)
+    clients = (1, 16) if args.quick else CLIENTS
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="graft-bench-serving-"))
+    router, prompts = _router(work)
+    questions = [q for pair in zip(*prompts.values(), strict=True) for q in pair]  # skills alternate
+
+    load = {}
+    for mode, max_batch in (("batched", 64), ("serial", 1)):
+        with _server([str(router), "--max-batch", str(max_batch), "--max-queue", "256"]) as url:
+            for count in clients:
+                result = asyncio.run(_drive(url, questions, count, seconds, model="auto"))
+                load[f"{mode} {count}"] = {"mode": mode, "clients": count, **result}
+                print(
+                    f"{mode:<8} {count:>3} clients: {result['tokens_per_s']:7.1f} tokens/s, "
+                    f"p50 {result['p50_ms']:7.0f} ms, p99 {result['p99_ms']:7.0f} ms ({result['requests']} requests)",
+                    flush=True,
+                )
+
+    rounds = max(40, int(seconds))
+    with (
+        _server([str(router), "--max-batch", "64"]) as url,
+        _server([str(router), "--upstream", url, "--engine", "peft-graft"]) as gateway,
+    ):
+        direct = asyncio.run(_drive(url, questions, 1, None, model="arithmetic", requests=rounds, new_tokens=1))
+        routed = asyncio.run(_drive(gateway, questions, 1, None, model="arithmetic", requests=rounds, new_tokens=1))
+    gateway_ms = routed["p50_ms"] - direct["p50_ms"]
+    print(f"gateway: p50 {routed['p50_ms']:.2f} ms vs direct {direct['p50_ms']:.2f} ms (+{gateway_ms:.2f} ms)")
+
+    routing = _routing_cost(router, questions)
+    print(f"routing: {routing['route_ms']:.1f} ms per query vs {routing['generate_ms']:.0f} ms for 64 tokens")
+
+    speedup = {
+        count: load[f"batched {count}"]["tokens_per_s"] / load[f"serial {count}"]["tokens_per_s"] for count in clients
+    }
+    targets = {
+        "batched / serial throughput at 16 clients": (speedup[16], ">= 3"),
+        "gateway added p50 latency (ms)": (gateway_ms, "<= 2"),
+        "routing / 64-token generation": (routing["ratio"], "<= 0.02"),
+    }
+    table = (
+        f"SmolLM2-135M-Instruct (fp32, CPU) with two packs; chat requests, model='auto', {NEW_TOKENS} tokens each "
+        f"(ignore_eos, greedy), closed-loop clients, {seconds:g} s per setting\n\n"
+    )
+    table += markdown_table(
+        ["engine", "clients", "tokens/s", "requests/s", "p50 (ms)", "p99 (ms)", "requests"],
+        [
+            [
+                r["mode"],
+                r["clients"],
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['requests_per_s']:.2f}",
+                f"{r['p50_ms']:.0f}",
+                f"{r['p99_ms']:.0f}",
+                r["requests"],
+            ]
+            for r in load.values()
+        ],
+    )
+    table += "\n\n" + markdown_table(
+        ["target", "measured", "aim"], [[name, f"{value:.3g}", aim] for name, (value, aim) in targets.items()]
+    )
+    table += (
+        f"\n\ngateway: 1-token requests naming a pack, p50 {routed['p50_ms']:.2f} ms through the gateway vs "
+        f"{direct['p50_ms']:.2f} ms direct; routing {routing['route_ms']:.1f} ms per query vs "
+        f"{routing['generate_ms']:.0f} ms for a 64-token generation"
+    )
+    payload = {
+        "load": load,
+        "speedup": speedup,
+        "gateway": {"direct": direct, "through_gateway": routed, "added_p50_ms": gateway_ms},
+        "routing": routing,
+        "targets": {name: {"measured": value, "aim": aim} for name, (value, aim) in targets.items()},
+        "seconds": time.perf_counter() - started,
+    }
+    suffix = "-quick" if args.quick else ""
+    write_results("serving", payload, table, suffix)
+    _plot(load, clients, suffix)
+    print(table)
+    print(f"total {time.perf_counter() - started:.0f} s")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _router(work: Path) -> tuple[Path, dict[str, list[str]]]:
+    """Two packs (data-free, 1/16) and a router; held-out questions of each skill."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = bundled_model()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    splits = {name: recipe.split() for name, recipe in SKILLS.items()}
+    for name, recipe in SKILLS.items():
+        extract_skillpack(base_dir, finetuned_skill(recipe), work / name, budget=1 / 16, progress=False)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    routed = RoutedGraftModel.from_packs(base, {name: work / name for name in SKILLS}, tokenizer)
+    routed.fit_router({name: [chat_prompt(tokenizer, e.question) for e in splits[name][0][:50]] for name in SKILLS})
+    routed.save_pretrained(work / "router")
+    return work / "router", {name: [e.question for e in splits[name][1][:200]] for name in SKILLS}
+
+
+class _server:
+    """`peft-graft serve ARGS` in its own process on a free port, for a `with` block (yields its URL)."""
+
+    def __init__(self, arguments: list[str]) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.command = [str(Path(sys.executable).with_name("peft-graft")), "serve", *arguments]
+        self.command += ["--port", str(self.port), "--log-level", "warning"]
+
+    def __enter__(self) -> str:
+        self.process = subprocess.Popen(self.command)
+        url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{' '.join(self.command)} exited with {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    return url
+            except OSError:
+                time.sleep(0.3)
+        raise SystemExit(f"{url} did not come up")
+
+    def __exit__(self, *exc_info) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+async def _drive(
+    url: str,
+    questions: list[str],
+    clients: int,
+    seconds: float | None,
+    *,
+    model: str,
+    requests: int | None = None,
+    new_tokens: int = NEW_TOKENS,
+) -> dict:
+    """`clients` closed-loop clients for `seconds` (or `requests` in all); latencies and generated tokens."""
+    latencies: list[float] = []
+    tokens = 0
+    counter = iter(range(10**9))
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        await http.post("/v1/chat/completions", json=_body(questions[0], model, 2))  # warm-up
+        begin = time.perf_counter()
+        deadline = None if seconds is None else begin + seconds
+
+        async def client() -> None:
+            nonlocal tokens
+            while True:
+                index = next(counter)
+                if (requests is not None and index >= requests) or (deadline and time.perf_counter() >= deadline):
+                    return
+                t0 = time.perf_counter()
+                answer = await http.post(
+                    "/v1/chat/completions", json=_body(questions[index % len(questions)], model, new_tokens)
+                )
+                answer.raise_for_status()
+                latencies.append(time.perf_counter() - t0)
+                tokens += answer.json()["usage"]["completion_tokens"]
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+        elapsed = time.perf_counter() - begin
+    ordered = sorted(latencies)
+    return {
+        "requests": len(latencies),
+        "tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "requests_per_s": len(latencies) / elapsed,
+        "p50_ms": 1000 * statistics.median(ordered),
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+    }
+
+
+def _body(question: str, model: str, new_tokens: int) -> dict:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    return {"model": model, "messages": messages, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+
+
+def _routing_cost(router: Path, questions: list[str]) -> dict:
+    """The router's time per query against a 64-token generation of the same query, in this process."""
+    from transformers import AutoModelForCausalLM
+
+    from peft_graft.routing import RouterConfig
+
+    base_dir = RouterConfig.read(router).base_model_name_or_path
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    routed = RoutedGraftModel.from_pretrained(base, router)
+    prompt = chat_prompt(routed.tokenizer, questions[0])
+    inputs = routed.tokenizer([prompt], return_tensors="pt")
+    route_times, generate_times = [], []
+    routed.route([prompt])  # warm-up
+    for _ in range(7):
+        t0 = time.perf_counter()
+        routed.route([prompt])
+        route_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            routed.generate(
+                inputs, routes=["arithmetic"], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+            )
+        generate_times.append(time.perf_counter() - t0)
+    route_ms, generate_ms = 1000 * statistics.median(route_times), 1000 * statistics.median(generate_times)
+    return {"route_ms": route_ms, "generate_ms": generate_ms, "ratio": route_ms / generate_ms}
+
+
+def _plot(load: dict, clients, suffix: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from common import RESULTS
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for mode in ("batched", "serial"):
+        axis.plot(list(clients), [load[f"{mode} {c}"]["tokens_per_s"] for c in clients], "o-", label=mode)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("concurrent clients")
+    axis.set_ylabel("generated tokens / s")
+    axis.set_title("peft-graft serve, SmolLM2-135M, CPU: throughput vs clients")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(RESULTS / f"serving_throughput{suffix}.png", dpi=100)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
