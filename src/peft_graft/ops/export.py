@@ -243,7 +243,10 @@ def export_gguf(
     pack records). llama.cpp scales every pair by ``alpha / rank`` with one alpha per file; each B is pre-scaled so
     that every module keeps its exact delta. Parts with no LoRA form are dropped, as by :func:`export_lora`.
     """
-    import gguf
+    try:
+        import gguf
+    except ModuleNotFoundError:
+        raise ExportError("the GGUF export needs the gguf package: pip install 'peft-graft[gguf]'") from None
     import numpy as np
 
     folder = PackFolder(pack)
