@@ -79,7 +79,7 @@ bench: $(UV)
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/serving.py
 
-## make bench-serving: peft-graft serve under 1-64 concurrent clients, batched vs serial, the gateway (about 8 min)
+## make bench-serving: peft-graft serve under 1-64 concurrent clients, batched vs serial, the gateway (about 20 min)
 bench-serving: $(UV)
 	$(call sync,test demo bench serve,smollm2)
 	$(BIN)/python benchmarks/serving.py
