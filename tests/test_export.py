@@ -207,3 +207,18 @@ def test_vllm_export_writes_a_lora_per_pack_and_the_exact_launch_commands(tmp_pa
     assert "2 LoRA adapters" in out and "vllm serve" in out and "--engine vllm" in out
     assert cli(["export", "--to", "gguf", str(tmp_path / "math"), str(tmp_path / "code"), str(tmp_path / "x")]) == 2
     assert "exports one pack" in capsys.readouterr().err
+
+    from peft_graft import RoutedGraftModel
+
+    from tiny_models import tiny_tokenizer
+
+    routed = RoutedGraftModel.from_packs(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        {"math": tmp_path / "math", "code": tmp_path / "code"},
+        tiny_tokenizer(),
+    )
+    routed.save_pretrained(tmp_path / "router")  # copies the packs into router/packs/<name>
+    assert cli(["export", "--to", "vllm", str(tmp_path / "router"), str(tmp_path / "from-router")]) == 0
+    launch = json.loads((tmp_path / "from-router" / "launch.json").read_text())
+    assert launch["gateway"][2] == str(tmp_path / "router")
+    assert sorted(p.name for p in (tmp_path / "from-router").iterdir() if p.is_dir()) == ["code", "math"]

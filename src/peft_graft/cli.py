@@ -326,15 +326,14 @@ def _packs_of(inputs: list[str]):
     from pathlib import Path
 
     from .routing import RouterConfig
-    from .routing.config import ROUTER_CONFIG, inside
+    from .routing.config import ROUTER_CONFIG
 
     if len(inputs) == 1 and (Path(inputs[0]) / ROUTER_CONFIG).is_file():
         root = Path(inputs[0])
-        config = RouterConfig.read(root)
-        local = {name: inside(root, source["path"]) for name, source in config.packs.items() if "path" in source}
-        if len(local) != len(config.packs):
+        sources = RouterConfig.read(root).sources(root)
+        if not all(source.is_local for source in sources.values()):
             raise ExportError("the router references Hub packs: pull it with its packs first (peft-graft pull)")
-        return str(root), local
+        return str(root), {name: source.location for name, source in sources.items()}
     return None, {Path(folder).name: folder for folder in inputs}
 
 

@@ -77,12 +77,7 @@ def export_lora(
             raise FileExistsError(f"{target} already exists; choose another folder or pass overwrite=True")
     config = folder.config
     report = LoraExport(str(output_dir))
-    factors = _lora_factors(folder, report, merging=merged_base_dir is not None)
-    # the LoRA adapter file uses PEFT's own key layout, which ours shares
-    lora = {}
-    for module, (a, b) in factors.items():
-        lora[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
-        lora[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
+    lora = _peft_lora_tensors(_lora_factors(folder, report, merging=merged_base_dir is not None))
 
     if merged_base_dir is not None:
         report.merged, report.dropped = report.dropped, []
@@ -179,11 +174,7 @@ def export_vllm(
 
     def write(staging: Path) -> None:
         for name, folder in folders.items():
-            tensors = {}
-            for module, (a, b) in factors[name].items():
-                tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
-                tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
-            _write_lora(staging / name, tensors, folder.config, reports[name], overwrite=False)
+            _write_lora(staging / name, _peft_lora_tensors(factors[name]), folder.config, reports[name], False)
         if base is not None:
             _write_merged_base(
                 first,
@@ -342,6 +333,15 @@ def _lora_factors(folder: PackFolder, report: LoraExport, *, merging: bool) -> d
     if not factors:
         raise ExportError(f"{folder.path} has no low-rank deltas: there is nothing to export as LoRA")
     return factors
+
+
+def _peft_lora_tensors(factors: Mapping[str, tuple]) -> dict[str, torch.Tensor]:
+    """The LoRA pairs under PEFT's own adapter-file keys (a layout ours shares)."""
+    tensors = {}
+    for module, (a, b) in factors.items():
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
+    return tensors
 
 
 def _write_lora(output_dir: Path, tensors, pack_config: dict, report: LoraExport, overwrite: bool) -> None:

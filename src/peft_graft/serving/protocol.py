@@ -36,7 +36,7 @@ class _Request(BaseModel):
             raise GenerationParameterError("logprobs are not supported", field="logprobs")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
-            max_tokens=self.max_tokens or default_max_tokens,
+            max_tokens=self.requested_max_tokens or default_max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
@@ -46,6 +46,10 @@ class _Request(BaseModel):
             frequency_penalty=self.frequency_penalty,
             ignore_eos=self.ignore_eos,
         )
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
 
     @property
     def include_usage(self) -> bool:
@@ -77,9 +81,11 @@ class ChatCompletionRequest(_Request):
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         if self.tools:
             raise GenerationParameterError("tools are not supported", field="tools")
-        if self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
         return super().sampling(default_max_tokens)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens  # OpenAI's newer name wins
 
 
 class CompletionRequest(_Request):
