@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peft_graft import RoutedGraftModel, extract_skillpack
+from peft_graft import RoutedGraftModel, ServerProcess, extract_skillpack
 from peft_graft._demo.bundled import bundled_model
 from peft_graft._demo.recipes import ARITHMETIC, LETTER_COUNTING, finetuned_skill
 from peft_graft.evaluation.tasks import SYSTEM_PROMPT, chat_prompt, chat_text
@@ -47,12 +43,8 @@ def main() -> None:
     router = Path(args.router) if args.router else _build_router(splits)
 
     print(f"2/3  peft-graft serve {router} --port {args.port}")
-    command = [str(Path(sys.executable).with_name("peft-graft")), "serve", str(router), "--port", str(args.port)]
-    server = subprocess.Popen(command)
-    try:
-        url = f"http://127.0.0.1:{args.port}"
-        _wait_for(url, server)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    with ServerProcess(str(router), port=args.port) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
         print(f"     models: {', '.join(m.id for m in client.models.list())}")
         print("3/3  one held-out question of each skill, model='auto'")
         for name, recipe in SKILLS.items():
@@ -69,9 +61,6 @@ def main() -> None:
             verdict = "correct" if task.score(answer, example) else f"expected {example.answer}"
             print(f"     [{name}] {example.question!r}")
             print(f"       -> pack {pack} (router p={probability:.3f}), answer {answer!r} ({verdict})")
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def _build_router(splits) -> Path:
@@ -91,19 +80,6 @@ def _build_router(splits) -> Path:
     )
     routed.save_pretrained(output / "router")
     return output / "router"
-
-
-def _wait_for(url: str, server: subprocess.Popen, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"peft-graft serve exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"peft-graft serve did not answer on {url} within {seconds:.0f} s")
 
 
 if __name__ == "__main__":

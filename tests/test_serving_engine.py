@@ -214,3 +214,48 @@ def test_ignore_eos_runs_past_the_end_of_turn_to_max_tokens(tmp_path):
         running = engine.generate(ids, "one", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     assert running.finish_reason == "length" and len(running.token_ids) == 12
     assert running.token_ids[: len(ended.token_ids)] == ended.token_ids
+
+
+def _byte_level_tokenizer():
+    """One token per byte (a byte-level BPE without merges): characters beyond ASCII span several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def _metaspace_tokenizer():
+    """SentencePiece-style words ("▁word"): the decoder drops the first word's leading space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["▁the", "▁tiger", "▁sleeps", ".", "▁", "z", "z"]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="."))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.mark.parametrize("make_tokenizer", [_byte_level_tokenizer, _metaspace_tokenizer])
+def test_incremental_decoding_adds_up_to_the_whole_decode_and_never_splits_a_character(make_tokenizer):
+    from peft_graft.serving.engine import IncrementalDecoder
+
+    tokenizer = make_tokenizer()
+    if make_tokenizer is _byte_level_tokenizer:
+        tokens = tokenizer("héllo 🐯 wörld, naïve ½", add_special_tokens=False)["input_ids"]
+    else:
+        tokens = [tokenizer.convert_tokens_to_ids(t) for t in ["▁the", "▁tiger", "▁sleeps", ".", "▁", "z", "z"]]
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.add(token) for token in tokens]
+    whole = tokenizer.decode(tokens)
+    assert "".join(pieces) == whole
+    assert not any("\ufffd" in piece for piece in pieces)
+    if make_tokenizer is _byte_level_tokenizer:
+        assert whole == "héllo 🐯 wörld, naïve ½"
+        assert pieces.count("") == len(tokens) - len(whole)  # a multi-byte character waits for its last byte
+    else:
+        assert whole == "the tiger sleeps. zz"

@@ -7,7 +7,6 @@ import contextlib
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,7 +20,7 @@ import uvicorn
 from peft import get_peft_model
 
 from peft_graft import BASE_ADAPTER, GraftConfig, RoutedGraftModel
-from peft_graft.serving import GenerationEngine
+from peft_graft.serving import GenerationEngine, ServerProcess
 from peft_graft.serving.app import create_app
 
 from test_routing import _prompts
@@ -267,25 +266,8 @@ def test_the_openapi_schema_describes_the_endpoints(served):
 
 def _serve_command(*arguments: str):
     """`peft-graft serve ...` in its own process on a free port; yields the base URL, stops it after."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "peft_graft.cli", "serve", *arguments, "--port", str(port)]
-    server = subprocess.Popen([*command, "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read().decode()
-            try:
-                if _http(f"http://127.0.0.1:{port}/health")[0] == 200:
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "peft-graft serve did not start"
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(30)
+    with ServerProcess(*arguments, "--log-level", "warning", startup_timeout=120, output=subprocess.PIPE) as server:
+        yield server.url
 
 
 def test_the_serve_command_serves_a_router_folder_and_routes_as_a_gateway(served, tmp_path):
@@ -310,3 +292,11 @@ def test_the_serve_command_serves_a_router_folder_and_routes_as_a_gateway(served
             answer = client.chat.completions.create(model="auto", messages=question, max_tokens=8, temperature=0)
             assert answer.model_extra["route"]["pack"] == "math"
             assert answer.choices[0].message.content == expected.choices[0].message.content
+
+
+def test_a_server_process_that_cannot_start_raises_with_what_it_said(tmp_path):
+    launched = ServerProcess(str(tmp_path / "no-router"), startup_timeout=60, output=subprocess.PIPE)
+    with pytest.raises(RuntimeError, match="exited with 2") as raised, launched:
+        pass
+    assert "no-router has no router_config.json" in str(raised.value)  # what the server said
+    assert launched.process.poll() is not None

@@ -68,10 +68,13 @@ _LAZY = {
     "allow_unverified_weights": "pack.folder",
     # operations on packs
     "export_lora": "ops",
+    "export_vllm": "ops",
+    "export_gguf": "ops",
     "merge_packs": "ops",
     # serving
     "GenerationEngine": "serving",
     "SamplingParams": "serving",
+    "ServerProcess": "serving",
 }
 
 if TYPE_CHECKING:
@@ -81,11 +84,11 @@ if TYPE_CHECKING:
     from .hub import pull_pack, push_pack
     from .layer import GraftEmbedding, GraftLayer, GraftLinear, GraftNorm
     from .model import GraftModel, grow_vocabulary
-    from .ops import export_lora, merge_packs
+    from .ops import export_gguf, export_lora, export_vllm, merge_packs
     from .pack.folder import allow_unverified_weights
     from .pack.provenance import allow_base_mismatch
     from .routing import BaseModelEmbedder, GraftRouter, ManualRouter, PackSource, RoutedGraftModel, RouterConfig
-    from .serving import GenerationEngine, SamplingParams
+    from .serving import GenerationEngine, SamplingParams, ServerProcess
 
 
 def __getattr__(name: str) -> Any:
@@ -137,13 +140,16 @@ __all__ = [
     "RoutingError",
     "SamplingParams",
     "ServerBusyError",
+    "ServerProcess",
     "TransferError",
     "UnknownModelError",
     "UnsafePackError",
     "__version__",
     "allow_base_mismatch",
     "allow_unverified_weights",
+    "export_gguf",
     "export_lora",
+    "export_vllm",
     "extract_skillpack",
     "grow_vocabulary",
     "merge_packs",

@@ -24,6 +24,7 @@ def _bands(text: str) -> list[tuple[int | None, int]]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .extraction.options import ExtractionOptions
+    from .serving.upstreams import ENGINES
     from .transfer import TransferConfig
 
     parser = argparse.ArgumentParser(prog="peft-graft", description="GraftLLM SkillPacks for Hugging Face PEFT.")
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", help="gateway mode: route, then forward to this OpenAI-compatible engine's URL")
     serve.add_argument(
         "--engine",
-        choices=["vllm", "sglang", "lorax", "llamacpp", "peft-graft"],
+        choices=list(ENGINES),
         default="vllm",
         help="how the upstream selects an adapter (gateway mode)",
     )

@@ -121,11 +121,8 @@ def create_app(
 
     async def complete(request: Request, body: ChatCompletionRequest | CompletionRequest, chat: bool):
         try:
-            if chat:
-                prompt = chat_prompt(tokenizer, [m.model_dump() | {"content": m.text()} for m in body.messages])
-            else:
-                prompt = body.text()
             params = body.sampling(default_max_tokens)
+            prompt = body.prompt_text(tokenizer)
             route = await asyncio.to_thread(served.route, body.model, prompt)
             ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
             stream = _Stream(engine, ids, route.adapter, params)
@@ -195,15 +192,6 @@ async def json_body(request: Request) -> Any:
         return json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise GenerationParameterError(f"the body is not valid JSON: {error}", field=None) from None
-
-
-def chat_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
-    """The text a chat request's messages make (what the model reads, and what the router embeds)."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise GenerationParameterError(
-            "this model's tokenizer has no chat template: use /v1/completions", field="messages"
-        )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 class _Disconnected(Exception):

@@ -98,7 +98,9 @@ class _Row:
     params: SamplingParams
     listener: Callable[[Event], None]
     generator: torch.Generator
+    decoder: IncrementalDecoder
     tokens: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far (complete characters only)
     emitted: int = 0  # characters of the text already sent
     position: int = 0  # real tokens in the cache (prompt + fed), the next token's position id
     cancelled: bool = False
@@ -187,7 +189,7 @@ class GenerationEngine:
             )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        row = _Row(prompt, adapter, params, listener, generator)
+        row = _Row(prompt, adapter, params, listener, generator, IncrementalDecoder(self.tokenizer))
         with self._condition:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -326,15 +328,17 @@ class GenerationEngine:
     def _emit(self, row: _Row, token: int) -> None:
         """Send the text `token` adds, holding back an unfinished character or a possible stop string's start."""
         eos = token in self.eos_token_ids and not row.params.ignore_eos
-        text = self.tokenizer.decode(row.tokens[:-1] if eos else row.tokens, skip_special_tokens=True)
+        if not eos:
+            row.text += row.decoder.add(token)
         reason = "stop" if eos else ("length" if len(row.tokens) >= row.params.max_tokens else None)
+        text = row.text
         cut = _stop_index(text, row.params.stop, row.emitted)
         if cut is not None:
             text, reason = text[:cut], "stop"
+        elif reason is not None:  # the whole answer, a character still unfinished at its end included
+            text = self.tokenizer.decode(row.tokens[:-1] if eos else row.tokens, skip_special_tokens=True)
         if reason is None:
             ready = len(text) - _held_back(text, row.params.stop)
-            if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-                ready = min(ready, len(text) - 1)
             delta = text[row.emitted : ready] if ready > row.emitted else ""
             row.emitted += len(delta)
             row.send(TokenEvent(token, delta))
@@ -361,6 +365,28 @@ class GenerationEngine:
         for layer in self._cache.layers:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]
+
+
+class IncrementalDecoder:
+    """Text of a growing token sequence, piece by piece, decoding only a short window per token (not the whole
+    answer at every step). The window starts one piece back, so that a token's leading space decodes as it does in
+    context; a character split across tokens comes out once its last byte is there."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self._prefix = 0  # tokens[_prefix:_read] decoded to the last piece returned
+        self._read = 0
+
+    def add(self, token: int) -> str:
+        """The characters that `token` completes ("" while a character is unfinished)."""
+        self.tokens.append(token)
+        before = self.tokenizer.decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.tokens[self._prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.tokens)
+        return after[len(before) :]
 
 
 def _choose(logits: torch.Tensor, row: _Row) -> int:

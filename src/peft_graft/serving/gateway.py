@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -24,30 +23,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .._mixed_batch import BASE_ADAPTER
 from ..errors import GenerationParameterError, UnknownModelError
-from .app import AUTO, Route, ServedModels, add_error_handlers, chat_prompt, failure, json_body
+from .app import AUTO, Route, ServedModels, add_error_handlers, failure, json_body
+from .protocol import prompt_text
+from .upstreams import ENGINES, EngineNaming
 
 logger = logging.getLogger("peft_graft.serving")
-
-
-@dataclass(frozen=True)
-class EngineNaming:
-    """How an engine's OpenAI API selects an adapter: the ``model`` a pack's request carries, and the one for the
-    base alone (``{base}``: the engine's base model name, ``{adapter}``: the pack's adapter name there). With
-    ``lora_scales``, the adapter is chosen by a per-request ``lora`` list of ``{"id", "scale"}`` instead (llama.cpp:
-    adapters given with ``--lora`` at start, numbered in that order; any not listed would keep its global scale)."""
-
-    model: str
-    base: str = "{base}"
-    lora_scales: bool = False
-
-
-ENGINES: dict[str, EngineNaming] = {
-    "peft-graft": EngineNaming("{adapter}"),
-    "vllm": EngineNaming("{adapter}"),  # vllm serve BASE --enable-lora --lora-modules NAME=PATH ...
-    "lorax": EngineNaming("{adapter}"),  # the adapter id
-    "sglang": EngineNaming("{base}:{adapter}"),  # --enable-lora --lora-paths NAME=PATH ...
-    "llamacpp": EngineNaming("{base}", lora_scales=True),  # llama-server -m BASE.gguf --lora PACK.gguf ...
-}
 
 
 def upstream_body(
@@ -114,7 +94,7 @@ def create_gateway(
     @app.get("/health")
     async def health():
         try:
-            answer = await client.get("/health", timeout=10)
+            answer = await client.get(naming.health, timeout=10)
         except httpx.HTTPError as error:
             return failure(503, f"the upstream {upstream} does not answer: {error}", "upstream_error")
         status = "ok" if answer.status_code == 200 else "upstream unhealthy"
@@ -130,7 +110,7 @@ def create_gateway(
             if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                 raise GenerationParameterError("the body must be a JSON object with a 'model' string", field="model")
             if body["model"] == AUTO:  # the router embeds the prompt: a model forward, off the event loop
-                route = await asyncio.to_thread(served.route, AUTO, _routing_text(tokenizer, body, chat))
+                route = await asyncio.to_thread(served.route, AUTO, prompt_text(tokenizer, body, chat))
             else:
                 route = served.route(body["model"], "")
         except UnknownModelError as error:
@@ -181,24 +161,3 @@ def create_gateway(
         return await forward(request, "/v1/completions", chat=False)
 
     return app
-
-
-def _routing_text(tokenizer, body: dict[str, Any], chat: bool) -> str:
-    """What the router embeds: the chat template's text (as the embedded server builds it), or the prompt."""
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise GenerationParameterError("messages must be a non-empty list of messages", field="messages")
-        flat = []
-        for message in messages:
-            content = message.get("content")
-            if isinstance(content, list):
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            flat.append({**message, "content": content or ""})
-        return chat_prompt(tokenizer, flat)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise GenerationParameterError("prompt must be one string", field="prompt")
-    return prompt

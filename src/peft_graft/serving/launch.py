@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import GenerationParameterError, RoutingError
 
@@ -85,3 +92,48 @@ def run(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "inf
 
     logging.getLogger("peft_graft.serving").setLevel(log_level.upper())
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
+
+
+class ServerProcess:
+    """``peft-graft serve ARGUMENTS`` in a child process on a loopback port (a free one unless `port` is given).
+
+    ``with ServerProcess("./router") as server: OpenAI(base_url=f"{server.url}/v1", ...)`` waits until ``/health``
+    answers (at most `startup_timeout` seconds) and stops the server after the block: for notebooks, scripts and
+    tests. `output` goes to the child's stdout and stderr (``subprocess.PIPE`` keeps it for the startup error).
+    """
+
+    def __init__(
+        self, *arguments: str, port: int | None = None, startup_timeout: float = 300.0, output: Any = None
+    ) -> None:
+        if port is None:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+        self.port, self.startup_timeout, self.output = port, startup_timeout, output
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = [sys.executable, "-m", "peft_graft.cli", "serve", *arguments, "--port", str(port)]
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServerProcess:
+        self.process = subprocess.Popen(self.command, stdout=self.output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                said = self.process.stdout.read().decode(errors="replace") if self.process.stdout else ""
+                raise RuntimeError(f"`{shlex.join(self.command)}` exited with {self.process.returncode}\n{said}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5):
+                    return self
+            except OSError:  # not listening yet, or a gateway whose upstream is not up yet (503)
+                time.sleep(0.2)
+        self.__exit__()
+        raise TimeoutError(f"`{shlex.join(self.command)}` did not answer on {self.url} in {self.startup_timeout:g} s")
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

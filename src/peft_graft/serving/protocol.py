@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import GenerationParameterError
 from .engine import SamplingParams
@@ -73,8 +73,36 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_Request):
+class _ChatPrompt(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     messages: list[ChatMessage] = Field(min_length=1)
+
+    def prompt_text(self, tokenizer) -> str:
+        """The text the messages make through the chat template (what the model reads, and what the router
+        embeds)."""
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise GenerationParameterError(
+                "this model's tokenizer has no chat template: use /v1/completions", field="messages"
+            )
+        messages = [m.model_dump() | {"content": m.text()} for m in self.messages]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class _CompletionPrompt(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str | list[str]
+
+    def prompt_text(self, tokenizer=None) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise GenerationParameterError("send one prompt per request", field="prompt")
+            return self.prompt[0]
+        return self.prompt
+
+
+class ChatCompletionRequest(_Request, _ChatPrompt):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: Any = None
 
@@ -88,19 +116,26 @@ class ChatCompletionRequest(_Request):
         return self.max_completion_tokens or self.max_tokens  # OpenAI's newer name wins
 
 
-class CompletionRequest(_Request):
-    prompt: str | list[str]
+class CompletionRequest(_Request, _CompletionPrompt):
     echo: bool = False
     suffix: str | None = None
 
-    def text(self) -> str:
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
         if self.echo or self.suffix:
             raise GenerationParameterError("echo and suffix are not supported", field="echo" if self.echo else "suffix")
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise GenerationParameterError("send one prompt per request", field="prompt")
-            return self.prompt[0]
-        return self.prompt
+        return super().sampling(default_max_tokens)
+
+
+def prompt_text(tokenizer, body: dict[str, Any], chat: bool) -> str:
+    """The prompt of a raw request body, its messages or prompt checked as the server checks them (the gateway
+    passes the rest of the body on to its engine, whose own extensions and ranges may differ from ours)."""
+    field = "messages" if chat else "prompt"
+    try:
+        part = (_ChatPrompt if chat else _CompletionPrompt).model_validate({field: body.get(field)})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        raise GenerationParameterError(f"{field}: {problem['msg']}", field=field) from None
+    return part.prompt_text(tokenizer)
 
 
 def error_body(message: str, kind: str, *, code: str | None = None, param: str | None = None) -> dict[str, Any]:
