@@ -93,9 +93,46 @@ def test_query_embeddings_are_the_base_models_pooled_hidden_states_without_the_h
     expected = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
     head_calls = []
     model.get_base_model().lm_head.register_forward_hook(lambda *_: head_calls.append(1))
-    embedded = BaseModelEmbedder(model, tokenizer=None).embed_tokens(ids, mask)
+    embedded = BaseModelEmbedder(model, tokenizer=None, layers=None).embed_tokens(ids, mask)
     assert torch.allclose(embedded, expected, atol=1e-5)
     assert head_calls == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_embedding_from_the_first_layers_runs_only_those_and_leaves_the_model_whole(arch):
+    """`layers=k`: the final norm of the hidden state after layer k, pooled; the layers above k never run, and the
+    model itself keeps every layer (generation beside the router is unaffected)."""
+    torch.manual_seed(5)
+    model = get_peft_model(BUILDERS[arch](), GraftConfig(target_modules=["c_fc", "up_proj"], init_weights=False))
+    decoder = model.get_base_model().base_model
+    stack = decoder.h if arch == "gpt2" else decoder.layers
+    norm = decoder.ln_f if arch == "gpt2" else decoder.norm
+    ids = token_batch(batch=3, length=7)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad(), model.disable_adapter():
+        full = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hidden = norm(full.hidden_states[1])
+    expected = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    upper_calls = []
+    stack[1].register_forward_hook(lambda *_: upper_calls.append(1))
+    embedder = BaseModelEmbedder(model, tokenizer=None, layers=1)
+    assert torch.allclose(embedder.embed_tokens(ids, mask), expected, atol=1e-5)
+    assert upper_calls == [] and len(stack) == 2
+    with torch.no_grad():
+        assert torch.equal(
+            model(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+        )
+    assert upper_calls == [1, 1]  # the model still runs its upper layer
+    assert embedder.spec == {"type": "base_mean_pool", "max_length": 256, "layers": 1}
+    # the default, a quarter of the layers, is one layer of two here; a share is recorded as the count it gave
+    default = BaseModelEmbedder(model, tokenizer=None)
+    assert torch.equal(default.embed_tokens(ids, mask), embedder.embed_tokens(ids, mask))
+    assert default.spec["layers"] == 1 and BaseModelEmbedder(model, None, layers=1.0).spec["layers"] == 2
+    with pytest.raises(RoutingError, match="between 1 and 2"):
+        BaseModelEmbedder(model, tokenizer=None, layers=3).embed_tokens(ids, mask)
+    with pytest.raises(RoutingError, match="a share in"):
+        BaseModelEmbedder(model, tokenizer=None, layers=1.5)
 
 
 def test_a_routed_mixed_batch_equals_each_row_run_alone_with_its_pack(routed):
@@ -248,6 +285,12 @@ def test_save_and_load_give_identical_routing_and_outputs(routed, tmp_path):
         after = reloaded(**batch)
     assert after.routes == before.routes
     assert torch.equal(after.logits, before.logits)
+    assert reloaded.embedder.layers == config["embedder"]["layers"] == 1  # a quarter of 2 layers, as a count
+    # a router saved before `layers` existed was trained on every layer's output, and is loaded so
+    del config["embedder"]["layers"]
+    (tmp_path / "router" / "router_config.json").write_text(json.dumps(config))
+    older = RoutedGraftModel.from_pretrained(tiny_llama(), tmp_path / "router", tiny_tokenizer())
+    assert older.embedder.layers is None
 
 
 def test_removing_a_pack_leaves_the_other_outputs_bit_identical(routed):

@@ -25,22 +25,57 @@ class QueryEmbedder(Protocol):
     def __call__(self, texts: Sequence[str]) -> torch.Tensor: ...
 
 
-class BaseModelEmbedder:
-    """Mean-pooled last hidden state of the base model, with every pack switched off for these rows only.
+# The share of decoder layers the router's embedding runs by default. Measured on SmolLM2-135M (30 layers), ten
+# reasoning-gym tasks, 40 training prompts each: held-out routing accuracy is already 100 % after layer 1 (README,
+# Routing). A quarter of the layers costs a quarter of the forward, with a margin for skills that differ in meaning
+# more than in form.
+ROUTING_DEPTH = 0.25
 
-    The packs stay loaded: rows are marked ``__base__`` for this call (per thread), so concurrent requests that do
-    use packs are unaffected.
+
+class BaseModelEmbedder:
+    """Mean-pooled hidden state of the base model, with every pack switched off for these rows only.
+
+    `layers` is how deep the query goes: a number of decoder layers, a share of them (the default, a quarter), or
+    ``None`` for all. Only those layers run (then the final norm): a query's task shows early in the network, and the
+    router's cost per query is that share of a forward. Routers saved with an earlier version (no ``layers`` in their
+    spec) embed with every layer, as they were trained. The packs stay loaded: rows are marked ``__base__`` for this
+    call (per thread), so concurrent requests that do use packs are unaffected.
     """
 
     spec_type = "base_mean_pool"
 
-    def __init__(self, model, tokenizer, *, max_length: int = 256, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_length: int = 256,
+        batch_size: int = 32,
+        layers: int | float | None = ROUTING_DEPTH,
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_length, self.batch_size = max_length, batch_size
+        self._decoder: nn.Module | None = None  # the decoder, cut to `layers` (built on first use)
+        self.layers = layers
+
+    @property
+    def layers(self) -> int | float | None:
+        return self._layers
+
+    @layers.setter
+    def layers(self, value: int | float | None) -> None:
+        count = isinstance(value, int) and value >= 1
+        if not (value is None or count or (isinstance(value, float) and 0 < value <= 1)):
+            raise RoutingError(f"layers must be a count >= 1, a share in (0, 1], or None (all), got {value!r}")
+        self._layers, self._decoder = value, None
 
     @property
     def spec(self) -> dict[str, Any]:
-        return {"type": self.spec_type, "max_length": self.max_length}
+        spec = {"type": self.spec_type, "max_length": self.max_length}
+        count = self._layer_count()
+        if count is not None:
+            spec["layers"] = count
+        return spec
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         if not texts:
@@ -63,20 +98,63 @@ class BaseModelEmbedder:
         token = ROW_ADAPTERS.set([BASE_ADAPTER] * input_ids.shape[0])
         try:
             with torch.no_grad():
-                hidden = self._last_hidden_state(input_ids, mask).float()
+                hidden = self._hidden_state(input_ids, mask).float()
         finally:
             ROW_ADAPTERS.reset(token)
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
-    def _last_hidden_state(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The decoder's final (normed) hidden states. The decoder is run without the language-model head, whose
-        logits over the vocabulary would cost a sixth of the forward for nothing."""
+    def _base_decoder(self) -> nn.Module | None:
+        """The decoder under the language-model head (None for a model without that split)."""
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         decoder = getattr(model, "base_model", None)
-        if isinstance(decoder, nn.Module) and decoder is not model:
-            return decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        return self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
+
+    def _layer_count(self) -> int | None:
+        """`layers` as a number of decoder layers (None: all, or a share of a model with no decoder to cut)."""
+        if self._layers is None or isinstance(self._layers, int):
+            return self._layers
+        decoder = self._base_decoder()
+        if decoder is None:
+            return None
+        return max(1, math.ceil(self._layers * len(_layer_stack(decoder)[1])))
+
+    def _hidden_state(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's (normed) hidden states after `layers` layers. The decoder is run without the language-model
+        head, whose logits over the vocabulary would cost a sixth of the forward for nothing."""
+        decoder = self._base_decoder()
+        count = self._layer_count()
+        if decoder is None:
+            if count is not None:
+                raise RoutingError(f"layers={count} needs a model with a separate decoder (model.base_model)")
+            return self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        if count is not None:
+            if self._decoder is None:
+                self._decoder = _first_layers(decoder, count)
+            decoder = self._decoder
+        return decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def _layer_stack(decoder: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder's list of layers (``layers`` in Llama-style models, ``h`` in GPT-2) and its attribute name."""
+    for name, child in decoder.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) > 0:
+            return name, child
+    raise RoutingError(f"{type(decoder).__name__} has no list of decoder layers to cut")
+
+
+def _first_layers(decoder: nn.Module, count: int) -> nn.Module:
+    """A shallow copy of `decoder` whose layer list holds only its first `count` layers. The copy shares every
+    weight and leaves `decoder` untouched, so generation may run on the full model in another thread meanwhile."""
+    import copy
+
+    name, stack = _layer_stack(decoder)
+    if not 1 <= count <= len(stack):
+        raise RoutingError(f"layers must be between 1 and {len(stack)} (the decoder's layers), got {count}")
+    cut = copy.copy(decoder)
+    cut._modules = dict(decoder._modules)  # copy.copy shares the children's dict: replace the list in the copy only
+    cut._modules[name] = nn.ModuleList(list(stack)[:count])
+    return cut
 
 
 class GraftRouter(nn.Module):

@@ -109,8 +109,11 @@ def load_router(
     )
     if embedder is not None:
         routed.embedder = embedder
-    elif spec.get("max_length"):
-        routed.embedder.max_length = int(spec["max_length"])
+    else:
+        if spec.get("max_length"):
+            routed.embedder.max_length = int(spec["max_length"])
+        # routers saved before `layers` existed embed with every layer, as they were trained
+        routed.embedder.layers = int(spec["layers"]) if spec.get("layers") is not None else None
     if config.router is not None:
         verify_weights(config.weights_sha256, folder / ROUTER_WEIGHTS, str(folder), saver="save_router")
         routed.router = _load_classifier(config.router, folder / ROUTER_WEIGHTS)
