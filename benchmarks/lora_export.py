@@ -125,7 +125,7 @@ def main() -> None:
     table = (
         f"Demo packs (SmolLM2-135M-Instruct, 1/{round(1 / BUDGET)} of the fp16 delta, calibrated, forms='lowrank') "
         "and their `export --to vllm` LoRA adapters (dropped: "
-        + "; ".join(f"{n}: {', '.join(s['dropped']) or 'nothing'}" for n, s in skills.items())
+        + "; ".join(f"{n}: {_dropped_summary(s['dropped'])}" for n, s in skills.items())
         + ")\n\n"
     )
     table += markdown_table(
@@ -147,6 +147,16 @@ def main() -> None:
     print(table)
     print(f"total {time.perf_counter() - started:.0f} s")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _dropped_summary(dropped: list[str]) -> str:
+    embeddings = [d for d in dropped if "embed" in d or "lm_head" in d]
+    norms = [d for d in dropped if "norm" in d]
+    other = len(dropped) - len(embeddings) - len(norms)
+    parts = [", ".join(embeddings)] if embeddings else []
+    parts += [f"{len(norms)} norm vectors"] if norms else []
+    parts += [f"{other} others"] if other else []
+    return " and ".join(parts) or "nothing"
 
 
 if __name__ == "__main__":
