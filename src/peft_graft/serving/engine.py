@@ -100,7 +100,6 @@ class _Row:
     generator: torch.Generator
     decoder: IncrementalDecoder
     tokens: list[int] = field(default_factory=list)
-    text: str = ""  # decoded so far (complete characters only)
     emitted: int = 0  # characters of the text already sent
     position: int = 0  # real tokens in the cache (prompt + fed), the next token's position id
     cancelled: bool = False
@@ -329,9 +328,9 @@ class GenerationEngine:
         """Send the text `token` adds, holding back an unfinished character or a possible stop string's start."""
         eos = token in self.eos_token_ids and not row.params.ignore_eos
         if not eos:
-            row.text += row.decoder.add(token)
+            row.decoder.add(token)
         reason = "stop" if eos else ("length" if len(row.tokens) >= row.params.max_tokens else None)
-        text = row.text
+        text = row.decoder.text
         cut = _stop_index(text, row.params.stop, row.emitted)
         if cut is not None:
             text, reason = text[:cut], "stop"
@@ -375,6 +374,7 @@ class IncrementalDecoder:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
+        self.text = ""  # complete characters so far
         self._prefix = 0  # tokens[_prefix:_read] decoded to the last piece returned
         self._read = 0
 
@@ -386,6 +386,7 @@ class IncrementalDecoder:
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         self._prefix, self._read = self._read, len(self.tokens)
+        self.text += after[len(before) :]
         return after[len(before) :]
 
 
