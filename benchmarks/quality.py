@@ -3,6 +3,7 @@ the same byte budgets, and is scored in one process, side by side.
 
     python benchmarks/quality.py [--quick] [--skills arithmetic,letters] [--prompts N] [--accuracy-prompts N]
     python benchmarks/quality.py --merge arithmetic,letters   # quality.* from the one-skill runs quality-<skill>.*
+    python benchmarks/quality.py --skills letters --methods graft   # re-measure some methods' rows in place
 
 Methods (bytes = what each stores, all deltas included; fp16 delta = 2 bytes per parameter):
 - ``graft``: peft-graft's default (``forms="any"``), calibrated (GPTQ) at the budget;
@@ -88,6 +89,11 @@ def main() -> None:
         metavar="SKILLS",
         help="write the full results (quality.json, .md, plot) from the one-skill runs quality-<skill>.json",
     )
+    parser.add_argument(
+        "--methods",
+        help="comma-separated method names (as in the tables): measure only these and replace their rows in the saved "
+        "results of the same run (the other rows stay, each row keeps the date it was measured)",
+    )
     args = parser.parse_args()
     if args.merge:
         _merge(args.merge.split(","))
@@ -110,12 +116,20 @@ def main() -> None:
     budgets = {k: BUDGETS[k] for k in QUICK_BUDGETS} if args.quick else BUDGETS
     skills = args.skills.split(",") if args.skills else list(QUICK_SKILLS if args.quick else SKILLS)
     prompts_n = args.prompts or (100 if args.quick else 500)
+    methods = set(args.methods.split(",")) if args.methods else None
     started = time.perf_counter()
     rows, summaries = [], {}
+    if methods:  # the saved rows of the other methods stay
+        saved = json.loads((RESULTS / f"quality{suffix}.json").read_text())
+        date = saved["machine"]["date"]
+        kept = [r for r in saved["rows"] if r["method"] not in methods or r["skill"] not in skills]
+        rows = [{"measured": date, **r} for r in kept]
+        summaries = saved["skills"]
     for skill in skills:
         accuracy_n = args.accuracy_prompts or (50 if args.quick else None)
-        skill_rows, summary = _run_skill(skill, SKILLS[skill], budgets, prompts_n, accuracy_n, args.quick)
-        rows += skill_rows
+        skill_rows, summary = _run_skill(skill, SKILLS[skill], budgets, prompts_n, accuracy_n, args.quick, methods)
+        today = time.strftime("%Y-%m-%d")
+        rows += [{"measured": today, **r} for r in skill_rows] if methods else skill_rows
         summaries[skill] = summary
         # after every skill, so that a run stopped during the next one keeps what it measured
         targets = _targets(rows, summaries)
@@ -150,6 +164,7 @@ def _run_skill(
     prompts_n: int,
     accuracy_n: int | None = None,
     quick: bool = False,
+    methods: set[str] | None = None,
 ) -> tuple[list, dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -224,10 +239,15 @@ def _run_skill(
         )
         return row
 
+    def wanted(name: str) -> bool:
+        return methods is None or name in methods
+
     rows = []
     for label, budget in budgets.items():
         variants = [("graft", True, "any"), ("graft data-free", False, "any"), ("graft lowrank", False, "lowrank")]
         for name, calibrated, forms in variants[:2] if quick else variants:
+            if not wanted(name):
+                continue
             pack = work / f"{name}-{budget}"
             t0 = time.perf_counter()
             report = extract_skillpack(
@@ -245,17 +265,21 @@ def _run_skill(
             row["forms"] = _forms_summary(report)
             rows.append(row)
             shutil.rmtree(pack)
-        t0 = time.perf_counter()
-        approx, stored = _mergekit_lowrank(base_dir, tuned_dir, delta, budget * fp16_bytes, work)
-        rows.append(measure("lowrank (mergekit)", label, approx, stored, time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        approx, stored = _dare(delta, budget * fp16_bytes)
-        rows.append(measure("DARE", label, approx, stored, time.perf_counter() - t0))
+        if wanted("lowrank (mergekit)"):
+            t0 = time.perf_counter()
+            approx, stored = _mergekit_lowrank(base_dir, tuned_dir, delta, budget * fp16_bytes, work)
+            rows.append(measure("lowrank (mergekit)", label, approx, stored, time.perf_counter() - t0))
+        if wanted("DARE"):
+            t0 = time.perf_counter()
+            approx, stored = _dare(delta, budget * fp16_bytes)
+            rows.append(measure("DARE", label, approx, stored, time.perf_counter() - t0))
     # quick: no RTN row, since every RTN size is far above 1/16 and BitDelta (0.063) is the nearest fixed size above
     # both quick budgets: they would never be the peer a target compares with
     widths = () if quick else (8, 4, 3, 2)
     fixed = [("BitDelta", _bitdelta)] + [(f"RTN int{bits}", lambda d, b=bits: _rtn(d, b)) for bits in widths]
     for name, method in fixed:
+        if not wanted(name):
+            continue
         t0 = time.perf_counter()
         approx, stored = method(delta)
         rows.append(measure(name, None, approx, stored, time.perf_counter() - t0))

@@ -224,15 +224,16 @@ def test_calibration_keeps_the_embedding_rows_of_its_tokens(budget, tmp_path):
     if budget is not None:
         settings["forms"] = "lowrank"
     errors = []
-    for calibration in (None, texts):
-        out = tmp_path / ("calibrated" if calibration else "data-free")
-        extract_skillpack(base_dir, tuned_dir, out, calibration=calibration, **settings)
+    for name, calibration, weighted in (("data-free", None, True), ("calibrated", texts, True), ("plain", texts, False)):
+        out = tmp_path / name
+        extract_skillpack(base_dir, tuned_dir, out, calibration=calibration, row_weights=weighted, **settings)
         base = AutoModelForCausalLM.from_pretrained(base_dir)
         packed = pack_deltas(base, out)["model.embed_tokens.weight"]
         delta = dict(tuned.named_parameters())["model.embed_tokens.weight"] - base.model.embed_tokens.weight
         errors.append(float((packed - delta)[digits].norm() / delta[digits].norm()))
-    data_free, calibrated = errors
+    data_free, calibrated, unweighted = errors
     assert calibrated < 0.5 * data_free, errors
+    assert unweighted == pytest.approx(data_free, rel=1e-4), errors  # row_weights=False: rows chosen as data-free
 
 
 def test_only_token_embeddings_are_weighted_by_token_frequency():

@@ -148,7 +148,7 @@ def _extract(run: _Run) -> ExtractionReport:
         else None
     )
     # calibrated: embedding rows count by their tokens' frequency (in planning and in what sparse forms keep)
-    frequencies = token_frequencies(batches) if batches else None
+    frequencies = token_frequencies(batches) if batches and options.row_weights else None
     stages = {"setup": time.perf_counter() - run.started}
     plan = staging.plan()
     if run.budget_bytes is not None and plan is None:
@@ -267,6 +267,7 @@ _RESUME_OPTIONS = (
     "budget",
     "forms",
     "layer_replan",
+    "row_weights",
     "act_order",
     "damp",
     "calibration_samples",
