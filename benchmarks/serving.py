@@ -5,8 +5,9 @@ by concurrent clients that send mixed-skill chat requests (``model="auto"``) ove
 
 - **Dynamic batching**: the embedded engine (``--max-batch 64``) against one request at a time (``--max-batch 1``),
   at 1, 4, 16 and 64 clients: generated tokens per second, and p50 / p99 request latency.
-- **Gateway overhead**: ``peft-graft serve --upstream`` in front of the embedded server, requests naming a pack (no
-  routing), against the same requests sent to the server directly, one client: the added p50 latency.
+- **Gateway overhead**: ``peft-graft serve --upstream`` in front of an upstream that answers at once
+  (``stub_upstream.py``: the gateway's own cost) and in front of the embedded server, requests naming a pack (no
+  routing), against the same requests sent to that upstream directly, one client: the added p50 latency.
 - **Routing cost**: the router's time per query (one base-model forward) against a 64-token generation.
 
 Every request asks for 64 tokens with ``ignore_eos`` (the answers themselves are 1-3 tokens), greedy. The server and
@@ -21,7 +22,9 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,9 +102,11 @@ def main() -> None:
 
 
 def _report(load: dict, clients, gateway: dict, routing: dict, seconds: float, started: float, suffix: str) -> None:
+    engine = gateway.get("engine", {})
     print(
-        f"gateway: p50 {gateway['through_gateway_p50_ms']:.2f} ms vs direct {gateway['direct_p50_ms']:.2f} ms; "
-        f"paired difference {gateway['added_p50_ms']:+.2f} ms (median of {gateway['pairs']})"
+        f"gateway: p50 {gateway['through_gateway_p50_ms']:.2f} ms vs direct {gateway['direct_p50_ms']:.2f} ms in front "
+        f"of a stub upstream, paired difference {gateway['added_p50_ms']:+.2f} ms (median of {gateway['pairs']}); in "
+        f"front of the engine {engine.get('added_p50_ms', float('nan')):+.2f} ms"
     )
     print(
         f"routing: {routing['route_ms']:.1f} ms per query (embedding from {routing['layers'] or 'all'} layers) vs "
@@ -140,8 +145,15 @@ def _report(load: dict, clients, gateway: dict, routing: dict, seconds: float, s
     )
     table += (
         f"\n\ngateway: 1-token completions of a 1-token prompt naming a pack, direct and through the gateway in "
-        f"alternation, {gateway['pairs']} pairs: p50 {gateway['through_gateway_p50_ms']:.2f} ms through the gateway "
-        f"vs {gateway['direct_p50_ms']:.2f} ms direct, median paired difference {gateway_ms:+.2f} ms; routing "
+        f"alternation, {gateway['pairs']} pairs. In front of an upstream that answers at once (the gateway's own "
+        f"cost): p50 {gateway['through_gateway_p50_ms']:.2f} ms through the gateway vs "
+        f"{gateway['direct_p50_ms']:.2f} ms direct, median paired difference {gateway_ms:+.2f} ms (quartiles "
+        f"{gateway['added_quartiles_ms'][0]:+.2f} / {gateway['added_quartiles_ms'][2]:+.2f}). In front of the "
+        f"embedded engine: {engine.get('through_gateway_p50_ms', float('nan')):.1f} vs "
+        f"{engine.get('direct_p50_ms', float('nan')):.1f} ms, median paired difference "
+        f"{engine.get('added_p50_ms', float('nan')):+.2f} ms (quartiles "
+        f"{engine.get('added_quartiles_ms', [float('nan')] * 3)[0]:+.1f} / "
+        f"{engine.get('added_quartiles_ms', [float('nan')] * 3)[2]:+.1f}). Routing "
         f"{routing['route_ms']:.1f} ms per query (embedding from {routing['layers'] or 'all'} of the base's layers) "
         f"vs {routing['generate_ms']:.0f} ms for a 64-token generation"
     )
@@ -163,13 +175,29 @@ def _report(load: dict, clients, gateway: dict, routing: dict, seconds: float, s
 def _gateway_overhead(router: Path, pairs: int = 200) -> dict:
     """What the gateway adds per request: the same tiny request (a 1-token prompt, 1 token, naming a pack, so no
     routing) sent directly and through the gateway in alternation, the order flipped every pair so that neither
-    side gains from drift; the median of the paired differences."""
+    side gains from drift; the median of the paired differences. Twice: in front of an upstream that answers at once
+    (`stub_upstream.py`: the gateway's own cost, its hop and its work) and in front of the embedded engine (whose
+    step-to-step jitter, ±10 ms, blurs the difference)."""
+    stub = _free_port()
+    command = [sys.executable, str(Path(__file__).with_name("stub_upstream.py")), str(stub)]
+    with contextlib.ExitStack() as stack:
+        process = stack.enter_context(subprocess.Popen(command))
+        stack.callback(process.terminate)
+        stub_url = f"http://127.0.0.1:{stub}"
+        _wait_until_healthy(stub_url)
+        found = {"stub": _paired(stub_url, stack.enter_context(_gateway(router, stub_url)), pairs)}
+    with _server(str(router), "--max-batch", "64") as url, _gateway(router, url) as gateway:
+        found["engine"] = _paired(url, gateway, pairs)
+    return {"pairs": pairs, **found["stub"], "engine": found["engine"]}
+
+
+def _gateway(router: Path, upstream: str):
+    return _server(str(router), "--upstream", upstream, "--engine", "peft-graft")
+
+
+def _paired(direct_url: str, gateway_url: str, pairs: int) -> dict:
     body = {"model": "arithmetic", "prompt": "Hi", "max_tokens": 1, "temperature": 0}
-    with (
-        _server(str(router), "--max-batch", "64") as url,
-        _server(str(router), "--upstream", url, "--engine", "peft-graft") as gateway,
-        httpx.Client(timeout=60) as http,
-    ):
+    with httpx.Client(timeout=60) as http:
 
         def timed(base: str) -> float:
             t0 = time.perf_counter()
@@ -177,23 +205,40 @@ def _gateway_overhead(router: Path, pairs: int = 200) -> dict:
             return 1000 * (time.perf_counter() - t0)
 
         for _ in range(10):  # warm-up: connections, first-call costs
-            timed(url), timed(gateway)
+            timed(direct_url), timed(gateway_url)
         direct, through = [], []
         for index in range(pairs):
             if index % 2:
-                through.append(timed(gateway))
-                direct.append(timed(url))
+                through.append(timed(gateway_url))
+                direct.append(timed(direct_url))
             else:
-                direct.append(timed(url))
-                through.append(timed(gateway))
+                direct.append(timed(direct_url))
+                through.append(timed(gateway_url))
     differences = [t - d for t, d in zip(through, direct, strict=True)]
     return {
-        "pairs": pairs,
         "direct_p50_ms": statistics.median(direct),
         "through_gateway_p50_ms": statistics.median(through),
         "added_p50_ms": statistics.median(differences),
         "added_quartiles_ms": statistics.quantiles(differences, n=4),
     }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_until_healthy(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(f"{url}/health", timeout=5).raise_for_status()
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _router(work: Path) -> tuple[Path, dict[str, list[str]]]:

@@ -224,7 +224,8 @@ def test_calibration_keeps_the_embedding_rows_of_its_tokens(budget, tmp_path):
     if budget is not None:
         settings["forms"] = "lowrank"
     errors = []
-    for name, calibration, weighted in (("data-free", None, True), ("calibrated", texts, True), ("plain", texts, False)):
+    variants = (("data-free", None, True), ("calibrated", texts, True), ("plain", texts, False))
+    for name, calibration, weighted in variants:
         out = tmp_path / name
         extract_skillpack(base_dir, tuned_dir, out, calibration=calibration, row_weights=weighted, **settings)
         base = AutoModelForCausalLM.from_pretrained(base_dir)
