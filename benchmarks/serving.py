@@ -102,11 +102,11 @@ def main() -> None:
 
 
 def _report(load: dict, clients, gateway: dict, routing: dict, seconds: float, started: float, suffix: str) -> None:
-    engine = gateway.get("engine", {})
+    engine = gateway["engine"]
     print(
         f"gateway: p50 {gateway['through_gateway_p50_ms']:.2f} ms vs direct {gateway['direct_p50_ms']:.2f} ms in front "
         f"of a stub upstream, paired difference {gateway['added_p50_ms']:+.2f} ms (median of {gateway['pairs']}); in "
-        f"front of the engine {engine.get('added_p50_ms', float('nan')):+.2f} ms"
+        f"front of the engine {engine['added_p50_ms']:+.2f} ms"
     )
     print(
         f"routing: {routing['route_ms']:.1f} ms per query (embedding from {routing['layers'] or 'all'} layers) vs "
@@ -149,11 +149,11 @@ def _report(load: dict, clients, gateway: dict, routing: dict, seconds: float, s
         f"cost): p50 {gateway['through_gateway_p50_ms']:.2f} ms through the gateway vs "
         f"{gateway['direct_p50_ms']:.2f} ms direct, median paired difference {gateway_ms:+.2f} ms (quartiles "
         f"{gateway['added_quartiles_ms'][0]:+.2f} / {gateway['added_quartiles_ms'][2]:+.2f}). In front of the "
-        f"embedded engine: {engine.get('through_gateway_p50_ms', float('nan')):.1f} vs "
-        f"{engine.get('direct_p50_ms', float('nan')):.1f} ms, median paired difference "
-        f"{engine.get('added_p50_ms', float('nan')):+.2f} ms (quartiles "
-        f"{engine.get('added_quartiles_ms', [float('nan')] * 3)[0]:+.1f} / "
-        f"{engine.get('added_quartiles_ms', [float('nan')] * 3)[2]:+.1f}). Routing "
+        f"embedded engine: {engine['through_gateway_p50_ms']:.1f} vs "
+        f"{engine['direct_p50_ms']:.1f} ms, median paired difference "
+        f"{engine['added_p50_ms']:+.2f} ms (quartiles "
+        f"{engine['added_quartiles_ms'][0]:+.1f} / "
+        f"{engine['added_quartiles_ms'][2]:+.1f}). Routing "
         f"{routing['route_ms']:.1f} ms per query (embedding from {routing['layers'] or 'all'} of the base's layers) "
         f"vs {routing['generate_ms']:.0f} ms for a 64-token generation"
     )
