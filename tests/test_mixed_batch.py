@@ -98,10 +98,15 @@ def test_mixed_batches_stay_right_while_a_pack_is_merged(tmp_path):
     ids = token_batch(batch=len(ROW_ADAPTERS))
     with torch.no_grad():
         expected = model(ids, adapter_names=ROW_ADAPTERS).logits
+        uniform = {name: model(ids, adapter_names=[name] * len(ids)).logits for name in ("b", BASE_ADAPTER)}
         model.merge_adapter(["a"])
         merged = model(ids, adapter_names=ROW_ADAPTERS).logits  # 'a' rows use the merged weights as they are
+        # every row naming one other pack (or none) takes 'a' out of the whole batch at once
+        merged_uniform = {name: model(ids, adapter_names=[name] * len(ids)).logits for name in uniform}
         model.unmerge_adapter()
     assert (merged - expected).abs().max() < 1e-4
+    for name, logits in uniform.items():
+        assert (merged_uniform[name] - logits).abs().max() < 1e-4, name
 
 
 def _generate_concurrently(model, ids, names, rounds: int = 6, **settings) -> dict[str, list[torch.Tensor]]:

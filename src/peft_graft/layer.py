@@ -153,13 +153,18 @@ class GraftLayer(BaseTunerLayer):
             add = [adapter for adapter in wanted if adapter not in merged]
             remove = [adapter for adapter in merged if adapter not in wanted]
             if add or remove:
-                index = torch.tensor(rows, device=x.device)
+                # one pack for the whole batch (a lone request): no gather and scatter, which cost as much as the delta
+                index = None if len(rows) == x.shape[0] else torch.tensor(rows, device=x.device)
                 result = self._apply_to_rows(result, x, index, add, remove, *args, **kwargs)
         return result
 
     def _apply_to_rows(self, result, x, index, add, remove, *args, **kwargs) -> torch.Tensor:
-        rows = x.index_select(0, index)
+        """`result` with the deltas of `add` added and those of `remove` taken away, on the rows in `index` (every
+        row where it is None)."""
+        rows = x if index is None else x.index_select(0, index)
         delta = _signed_sum([self._delta_output(a, rows) for a in add], [self._delta_output(a, rows) for a in remove])
+        if index is None:
+            return result + delta.to(result.dtype)
         return result.index_add(0, index, delta.to(result.dtype))
 
     def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
@@ -543,6 +548,8 @@ class GraftNorm(nn.Module, GraftLayer):
             base._parameters.update(saved)
 
     def _apply_to_rows(self, result, x, index, add, remove, *args, **kwargs) -> torch.Tensor:
+        if index is None:
+            return self._forward_with(x, add, *args, remove=remove, **kwargs).to(result.dtype)
         rows = self._forward_with(x.index_select(0, index), add, *args, remove=remove, **kwargs)
         return result.index_copy(0, index, rows.to(result.dtype))
 

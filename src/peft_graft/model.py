@@ -177,9 +177,7 @@ class GraftModel(BaseTuner):
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval() first.")
         if not isinstance(adapter_names, (list, tuple)):
             raise TypeError(f"adapter_names must be a list of str (one per row), got {type(adapter_names).__name__}")
-        known = set()
-        for _, layer in graft_layers(self.model):
-            known |= layer._get_available_adapters()
+        known = set(self.peft_config)  # not a walk over every layer: this runs on every forward
         unknown = {name for name in adapter_names if name != BASE_ADAPTER} - known
         if unknown:
             raise ValueError(
