@@ -22,9 +22,7 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,7 @@ from peft_graft import RoutedGraftModel, ServerProcess, extract_skillpack
 from peft_graft._demo.bundled import bundled_model
 from peft_graft._demo.recipes import finetuned_skill
 from peft_graft.evaluation.tasks import SYSTEM_PROMPT, chat_prompt
+from peft_graft.serving import ChildServer, free_port
 
 CLIENTS = (1, 4, 16, 64)
 NEW_TOKENS = 64
@@ -178,13 +177,10 @@ def _gateway_overhead(router: Path, pairs: int = 200) -> dict:
     side gains from drift; the median of the paired differences. Twice: in front of an upstream that answers at once
     (`stub_upstream.py`: the gateway's own cost, its hop and its work) and in front of the embedded engine (whose
     step-to-step jitter, ±10 ms, blurs the difference)."""
-    stub = _free_port()
+    stub = free_port()
     command = [sys.executable, str(Path(__file__).with_name("stub_upstream.py")), str(stub)]
     with contextlib.ExitStack() as stack:
-        process = stack.enter_context(subprocess.Popen(command))
-        stack.callback(process.terminate)
-        stub_url = f"http://127.0.0.1:{stub}"
-        _wait_until_healthy(stub_url)
+        stub_url = stack.enter_context(ChildServer(command, port=stub, startup_timeout=60)).url
         found = {"stub": _paired(stub_url, stack.enter_context(_gateway(router, stub_url)), pairs)}
     with _server(str(router), "--max-batch", "64") as url, _gateway(router, url) as gateway:
         found["engine"] = _paired(url, gateway, pairs)
@@ -221,24 +217,6 @@ def _paired(direct_url: str, gateway_url: str, pairs: int) -> dict:
         "added_p50_ms": statistics.median(differences),
         "added_quartiles_ms": statistics.quantiles(differences, n=4),
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_until_healthy(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            httpx.get(f"{url}/health", timeout=5).raise_for_status()
-            return
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def _router(work: Path) -> tuple[Path, dict[str, list[str]]]:

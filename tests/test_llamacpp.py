@@ -25,10 +25,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from peft_graft import GraftConfig, ServerProcess, export_gguf  # noqa: E402
 from peft_graft._demo.bundled import BUNDLED_MODELS, _package_file, bundled_model  # noqa: E402
+from peft_graft.serving import ChildServer, free_port  # noqa: E402
 
 pytestmark = [pytest.mark.real, pytest.mark.llamacpp]
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# llama.cpp's Q4_1 kernels quantize activations to 8 bits: its base logits differ from transformers' by about 2 % of
+# their norm (measured: correlation 0.9996). At init_weights=False's scale the random pack moves the logits by only
+# 2.6 %, inside that gap (effects correlate at 0.74); at 4x it moves them by 12 % and the effects correlate at 0.97.
+ADAPTER_STRENGTH = 4.0
+# A greedy answer may part from transformers' only where transformers' two likeliest tokens are this close (logits)
+NEAR_TIE = 0.1
 PROMPT = "<|im_start|>user\nWhat is 7 + 5? Count the letters in 'banana'.<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -45,7 +52,12 @@ def adapter(tmp_path_factory):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = GraftConfig(target_modules=PROJECTIONS, init_weights=False, r=8)
-    get_peft_model(base, config).save_pretrained(work / "pack")
+    model = get_peft_model(base, config)
+    with torch.no_grad():  # 4x the test-sized random delta, so that its effect stands well above the engines' gap
+        for name, parameter in model.named_parameters():
+            if "graft_S" in name:
+                parameter.mul_(ADAPTER_STRENGTH)
+    model.save_pretrained(work / "pack")
     report = export_gguf(work / "pack", work / "pack.gguf", base=base_dir)
     assert len(report.lora_modules) == 7 * 30 and not report.dropped
     return base_dir, base_gguf, work
@@ -98,9 +110,9 @@ def test_the_gguf_adapter_changes_llamacpp_as_the_pack_changes_transformers(adap
     hf_effect, cpp_effect = hf_pack - hf_base, cpp_pack - cpp_base
     # the pack moves the logits visibly (not a no-op adapter), and llama.cpp's adapter moves them the same way: a
     # wrong rotary row order for q/k, a wrong scale or a transposed pair would break the agreement
-    assert np.linalg.norm(hf_effect) > 0.05 * np.linalg.norm(hf_base)
-    assert _correlation(cpp_effect, hf_effect) > 0.95
-    assert np.linalg.norm(cpp_effect - hf_effect) < 0.3 * np.linalg.norm(hf_effect)
+    assert np.linalg.norm(hf_effect) > 0.08 * np.linalg.norm(hf_base)
+    assert _correlation(cpp_effect, hf_effect) > 0.95  # measured 0.974
+    assert np.linalg.norm(cpp_effect - hf_effect) < 0.3 * np.linalg.norm(hf_effect)  # measured 0.24
 
 
 def test_the_demo_packs_gguf_answers_the_demo_questions_as_the_pack_does(adapter, tmp_path):
@@ -124,16 +136,22 @@ def test_the_demo_packs_gguf_answers_the_demo_questions_as_the_pack_does(adapter
     )
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     _, held_out = ARITHMETIC.split()
-    agree = []
-    for example in held_out[:20]:
+    margins: list[float] = []  # transformers' top-two margin where llama.cpp's answer parts from it
+    for example in held_out[:40]:
         ids = tokenizer(chat_prompt(tokenizer, example.question), add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             expected = model.generate(
                 input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=eos
             )[0, len(ids) :].tolist()
-        agree.append(_llamacpp_greedy(llm, ids, 6, eos) == expected)
+        answer = _llamacpp_greedy(llm, ids, 6, eos)
+        if answer != expected:  # only at a near-tie (one of 40 questions, measured: margin 0.016 logit)
+            first = next(i for i, (a, b) in enumerate(zip(answer, expected, strict=False)) if a != b)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids + expected[:first]])).logits[0, -1]
+            top = torch.topk(logits, 2).values
+            margins.append(float(top[0] - top[1]))
     llm.close()
-    assert all(agree), f"{agree.count(False)} of {len(agree)} answers differ"
+    assert len(margins) <= 2 and all(margin < NEAR_TIE for margin in margins), margins
 
 
 def test_the_gateway_routes_to_llama_cpp_pythons_openai_server(adapter, tmp_path):
@@ -149,39 +167,23 @@ def test_the_gateway_routes_to_llama_cpp_pythons_openai_server(adapter, tmp_path
             {"model": str(base_gguf), "model_alias": "math", "lora_path": str(work / "pack.gguf"), "n_ctx": 256},
         ],
     }
-    port = _free_port()
+    port = free_port()
     config["port"] = port
     (tmp_path / "llamacpp.json").write_text(json.dumps(config))
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--config_file", str(tmp_path / "llamacpp.json")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        gateway_args = ["--base", str(base_dir), "--pack", f"math={work / 'pack'}", "--base-name", "base"]
-        gateway_args += ["--upstream", f"http://127.0.0.1:{port}", "--engine", "llama-cpp-python"]
-        with ServerProcess(*gateway_args, "--log-level", "warning", startup_timeout=180) as gateway:
-            client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
-            direct = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-            for model in ("math", "base"):
-                options = dict(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
-                routed = client.completions.with_raw_response.create(**options)
-                expected = direct.completions.create(**options).choices[0].text
-                assert routed.headers["x-graft-pack"] == model
-                assert routed.parse().choices[0].text == expected
-            math, plain = (
-                direct.completions.create(model=m, prompt=PROMPT, max_tokens=12, temperature=0)
-                for m in ("math", "base")
-            )
-            assert math.choices[0].text != plain.choices[0].text  # the adapter is applied upstream
-    finally:
-        upstream.terminate()
-        upstream.wait(60)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    command = [sys.executable, "-m", "llama_cpp.server", "--config_file", str(tmp_path / "llamacpp.json")]
+    gateway_args = ["--base", str(base_dir), "--pack", f"math={work / 'pack'}", "--base-name", "base"]
+    gateway_args += ["--upstream", f"http://127.0.0.1:{port}", "--engine", "llama-cpp-python"]
+    upstream = ChildServer(command, port=port, health_path="/v1/models", startup_timeout=180, output=subprocess.DEVNULL)
+    with upstream, ServerProcess(*gateway_args, "--log-level", "warning", startup_timeout=180) as gateway:
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+        direct = openai.OpenAI(base_url=f"{upstream.url}/v1", api_key="unused", max_retries=0)
+        for model in ("math", "base"):
+            options = dict(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
+            routed = client.completions.with_raw_response.create(**options)
+            expected = direct.completions.create(**options).choices[0].text
+            assert routed.headers["x-graft-pack"] == model
+            assert routed.parse().choices[0].text == expected
+        math, plain = (
+            direct.completions.create(model=m, prompt=PROMPT, max_tokens=12, temperature=0) for m in ("math", "base")
+        )
+        assert math.choices[0].text != plain.choices[0].text  # the adapter is applied upstream

@@ -10,9 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from ..errors import GenerationParameterError, RoutingError
 
@@ -94,27 +94,33 @@ def run(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "inf
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
 
 
-class ServerProcess:
-    """``peft-graft serve ARGUMENTS`` in a child process on a loopback port (a free one unless `port` is given).
+def free_port() -> int:
+    """A loopback TCP port that is free now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
-    ``with ServerProcess("./router") as server: OpenAI(base_url=f"{server.url}/v1", ...)`` waits until ``/health``
-    answers (at most `startup_timeout` seconds) and stops the server after the block: for notebooks, scripts and
-    tests. `output` goes to the child's stdout and stderr (``subprocess.PIPE`` keeps it for the startup error).
-    """
+
+class ChildServer:
+    """An HTTP server `command` in a child process, listening on loopback `port`: entering waits until
+    `health_path` answers (at most `startup_timeout` seconds), leaving stops it. `output` goes to the child's stdout
+    and stderr (``subprocess.PIPE`` keeps it for the startup error)."""
 
     def __init__(
-        self, *arguments: str, port: int | None = None, startup_timeout: float = 300.0, output: Any = None
+        self,
+        command: Sequence[str],
+        *,
+        port: int,
+        health_path: str = "/health",
+        startup_timeout: float = 300.0,
+        output: Any = None,
     ) -> None:
-        if port is None:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-        self.port, self.startup_timeout, self.output = port, startup_timeout, output
+        self.command, self.port = list(command), port
         self.url = f"http://127.0.0.1:{port}"
-        self.command = [sys.executable, "-m", "peft_graft.cli", "serve", *arguments, "--port", str(port)]
+        self.health_path, self.startup_timeout, self.output = health_path, startup_timeout, output
         self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         self.process = subprocess.Popen(self.command, stdout=self.output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -122,7 +128,7 @@ class ServerProcess:
                 said = self.process.stdout.read().decode(errors="replace") if self.process.stdout else ""
                 raise RuntimeError(f"`{shlex.join(self.command)}` exited with {self.process.returncode}\n{said}")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5):
+                with urllib.request.urlopen(f"{self.url}{self.health_path}", timeout=5):
                     return self
             except OSError:  # not listening yet, or a gateway whose upstream is not up yet (503)
                 time.sleep(0.2)
@@ -137,3 +143,19 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class ServerProcess(ChildServer):
+    """``peft-graft serve ARGUMENTS`` in a child process on a loopback port (a free one unless `port` is given).
+
+    ``with ServerProcess("./router") as server: OpenAI(base_url=f"{server.url}/v1", ...)`` waits until ``/health``
+    answers (at most `startup_timeout` seconds) and stops the server after the block: for notebooks, scripts and
+    tests. `output` goes to the child's stdout and stderr (``subprocess.PIPE`` keeps it for the startup error).
+    """
+
+    def __init__(
+        self, *arguments: str, port: int | None = None, startup_timeout: float = 300.0, output: Any = None
+    ) -> None:
+        port = free_port() if port is None else port
+        command = [sys.executable, "-m", "peft_graft.cli", "serve", *arguments, "--port", str(port)]
+        super().__init__(command, port=port, startup_timeout=startup_timeout, output=output)
