@@ -1,6 +1,6 @@
 """Where a quality miss comes from: extraction variants of one skill at one budget, each scored by KL(fine-tune ‖
 pack) on held-out questions and on the calibration questions themselves (answer tokens, teacher-forced), with the
-plan's forms and each role's mean relative Frobenius error. The README's "Where the misses come from" quotes it.
+plan's forms and each role's mean relative Frobenius error. docs/benchmarks.md's "Where the misses come from" quotes it.
 
     python benchmarks/quality_variants.py letters 0.03125 [--variants data-free,calibrated,unweighted] [--prompts 200]
 

@@ -2,7 +2,7 @@
 
 Each probe runs the smallest real operation that the incompatibility breaks and returns why it failed, or None.
 Tests that need the capability use the matching xfail marker: with a bad pair they are reported as an xfail that
-names the pair (strict, so a wrong probe fails loudly); with a good pair they run as usual. The README's
+names the pair (strict, so a wrong probe fails loudly); with a good pair they run as usual. docs/install.md's
 Compatibility table lists the same pairs.
 """
 

@@ -99,4 +99,4 @@ def test_errors_subclass_the_standard_exception_they_stand_for_and_carry_their_s
     for name in dir(errors):
         value = getattr(errors, name)
         if isinstance(value, type) and issubclass(value, errors.GraftError) and value is not errors.GraftError:
-            assert issubclass(value, (ValueError, OSError)), name
+            assert issubclass(value, (ValueError, OSError, ImportError)), name

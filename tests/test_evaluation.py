@@ -13,9 +13,9 @@ from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
 
 from peft_graft import GraftConfig
-from peft_graft.cli import main as cli
 from peft_graft.evaluation import compare, load_metric, perplexity, record_in_pack, retention
 from peft_graft.evaluation.tasks import ReasoningTask
+from peft_graft_cli import main as cli
 
 from tiny_models import VOCAB, tiny_llama, tiny_tokenizer
 
@@ -84,12 +84,14 @@ def test_compare_base_finetune_and_pack_and_record_in_the_card(tmp_path):
     tokenizer = tiny_tokenizer()
     comparison = compare({"base": tiny_llama(), "finetuned": finetuned, "pack": pack}, tokenizer, texts=TEXTS)
     assert comparison.scores["base"] != pytest.approx(comparison.scores["finetuned"], rel=1e-3)
-    assert comparison.retention("pack") == pytest.approx(1.0, abs=1e-3)  # the pack is its own merged fine-tune
-    assert "| pack |" in comparison.table()
+    # the pack is its own merged fine-tune: the same perplexity; retention is for exact match only
+    assert comparison.perplexities["pack"] == pytest.approx(comparison.perplexities["finetuned"], rel=1e-4)
+    assert comparison.retention("pack") is None
+    assert "| pack |" in comparison.table() and "retention" not in comparison.table()
     record_in_pack(tmp_path / "pack", comparison, "pack", "held-out text")
     card = ModelCard((tmp_path / "pack" / "README.md").read_text())
     metrics = {m["type"] for r in card.data.to_dict()["model-index"][0]["results"] for m in r["metrics"]}
-    assert metrics == {"perplexity", "retention"}
+    assert metrics == {"perplexity"}
     assert PeftModel.from_pretrained(tiny_llama(), tmp_path / "pack") is not None  # config still valid
 
 
@@ -102,8 +104,11 @@ def test_cli_eval_writes_the_table_and_json(tmp_path, capsys):
     )
     (tmp_path / "texts.txt").write_text("\n".join(TEXTS))
     argv = ["eval", "--base", str(tmp_path / "base"), "--pack", str(tmp_path / "pack"), "--texts"]
-    assert cli([*argv, str(tmp_path / "texts.txt"), "--json", str(tmp_path / "eval.json")]) == 0
-    assert "| pack |" in capsys.readouterr().out
+    assert cli([*argv, str(tmp_path / "texts.txt"), "--output", str(tmp_path / "eval.json")]) == 0
+    shown = capsys.readouterr().out
+    assert "| pack |" in shown
+    header = shown.splitlines()[0]  # texts only: one perplexity column, no retention (it is for exact match)
+    assert header == "| model | perplexity (lower is better) |"
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert [row["model"] for row in rows] == ["base", "pack"]
     assert cli(["eval", "--base", str(tmp_path / "base")]) == 2
@@ -114,7 +119,7 @@ def test_cli_eval_writes_the_table_and_json(tmp_path, capsys):
     options = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
     argv = ["eval", "--base", str(tmp_path / "base"), "--pack", str(tmp_path / "pack"), "--task", "basic_arithmetic"]
     argv += ["--task-options", json.dumps(options), "--n", "3", "--exclude-train", "5", "--max-new-tokens", "2"]
-    assert cli([*argv, "--json", str(tmp_path / "task.json")]) == 0
+    assert cli([*argv, "--output", str(tmp_path / "task.json")]) == 0
     report = json.loads((tmp_path / "task.json").read_text())
     assert report["task_options"] == options and len(report["questions"]) == 3
     training = set(e.question for e in ReasoningTask("basic_arithmetic", **options).examples(5, seed=0))

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peft_graft import GraftConfig
-from peft_graft.cli import main as cli
 from peft_graft.errors import ExportError
 from peft_graft.ops import export_gguf, export_lora, export_vllm
+from peft_graft_cli import main as cli
 
 from tiny_models import BUILDERS, token_batch
 

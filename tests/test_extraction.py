@@ -266,7 +266,7 @@ def test_a_killed_extraction_resumes_from_its_last_finished_unit(tmp_path):
     import time
 
     base_dir, tuned_dir = save_pair(tmp_path, "llama", model_overrides={"num_hidden_layers": 6})
-    common = [sys.executable, "-m", "peft_graft.cli", "extract", "--base", str(base_dir), "--finetuned", str(tuned_dir)]
+    common = [sys.executable, "-m", "peft_graft_cli", "extract", "--base", str(base_dir), "--finetuned", str(tuned_dir)]
     subprocess.run([*common, "--output", str(tmp_path / "straight"), "--no-progress"], check=True, capture_output=True)
     work = tmp_path / ".pack.extracting" / "units"
     process = subprocess.Popen([*common, "--output", str(tmp_path / "pack"), "--no-progress"])
@@ -299,9 +299,17 @@ def test_a_budget_below_the_mandatory_parts_is_refused(tmp_path):
     from peft_graft import BudgetError
 
     base_dir, tuned_dir = save_pair(tmp_path, "gpt2")
-    with pytest.raises(BudgetError, match="raise the budget"):
+    with pytest.raises(BudgetError, match=r"0\.001 of the fp16 delta is too small.*smallest budget that keeps") as low:
         extract_skillpack(base_dir, tuned_dir, tmp_path / "pack", budget=0.001, progress=False)
     _assert_nothing_written(tmp_path / "pack")
+    smallest = low.value.smallest
+    assert smallest > 0.001
+    # just below it: norms and biases fit, no module does; the error says so (not "identical to the base")
+    with pytest.raises(BudgetError, match="buys no module's delta"):
+        extract_skillpack(base_dir, tuned_dir, tmp_path / "pack", budget=smallest * 0.999, progress=False)
+    _assert_nothing_written(tmp_path / "pack")
+    report = extract_skillpack(base_dir, tuned_dir, tmp_path / "pack", budget=smallest * 1.001, progress=False)
+    assert any(module.role != "norm" for module in report.modules)  # the figure given keeps a module
 
 
 def _calibration_texts(count: int, seed: int) -> list[str]:
@@ -353,7 +361,7 @@ def test_calibrated_gptq_beats_round_to_nearest_at_equal_bytes_on_held_out_text(
 
 def test_report_is_written_and_inspect_prints_it(tmp_path):
     base_dir, tuned_dir = save_pair(tmp_path, "llama")
-    cli = [sys.executable, "-m", "peft_graft.cli"]
+    cli = [sys.executable, "-m", "peft_graft_cli"]
     extract = [
         *cli,
         "extract",
@@ -366,17 +374,20 @@ def test_report_is_written_and_inspect_prints_it(tmp_path):
     ]
     result = subprocess.run([*extract, "--attn-rank", "8", "--bands", "4:8,rest:4"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "ratio" in result.stdout
+    assert "of the fp16 delta" in result.stdout and "attn" in result.stdout  # the size, and the table by role
     report = ExtractionReport.load(tmp_path / "pack")
     assert report.fp16_delta_bytes > report.pack_bytes > 0 and report.peak_rss_bytes > 0 and report.wall_seconds > 0
     stages = report.stage_seconds
     assert set(stages) == {"setup", "planning", "compression", "writing", "per_layer"}
     assert all(seconds >= 0 for seconds in stages.values())
     assert abs(sum(stages[k] for k in ("setup", "planning", "compression", "writing")) - report.wall_seconds) < 1e-6
-    assert "stages: setup" in result.stdout
+    assert "wrote" in result.stderr and "setup" in result.stderr
     q_proj = next(m for m in report.modules if m.name.endswith("layers.0.self_attn.q_proj"))
     assert q_proj.rank == 8 and q_proj.bands == [[4, 8], [4, 4]]
     shown = subprocess.run([*cli, "inspect", str(tmp_path / "pack")], capture_output=True, text=True, check=True)
+    assert "attn" in shown.stdout and "8/4" in shown.stdout and "q_proj" not in shown.stdout  # by role
+    every = [*cli, "inspect", "--modules", str(tmp_path / "pack")]
+    shown = subprocess.run(every, capture_output=True, text=True, check=True)
     assert "model.layers.0.self_attn.q_proj" in shown.stdout and "4x8,4x4" in shown.stdout
     failed = subprocess.run(extract, capture_output=True, text=True)
     assert failed.returncode == 2 and "already exists" in failed.stderr
@@ -386,7 +397,8 @@ def test_options_come_as_one_object_or_as_keywords_and_drive_the_cli(tmp_path, c
     from dataclasses import fields
 
     from peft_graft import BudgetError, ExtractionOptions
-    from peft_graft.cli import build_parser
+    from peft_graft_cli import main
+    from peft_graft_cli.commands import extract as extract_command
 
     base_dir, tuned_dir = save_pair(tmp_path, "gpt2")
     options = ExtractionOptions(budget=1 / 8, progress=True)
@@ -398,13 +410,13 @@ def test_options_come_as_one_object_or_as_keywords_and_drive_the_cli(tmp_path, c
     with pytest.raises(BudgetError):
         ExtractionOptions(budget=1.5)
 
-    parser = build_parser()
-    parsed = parser.parse_args(["extract", "--base", "b", "--finetuned", "f", "--output", "o", "--no-act-order"])
-    assert {item.name: getattr(parsed, item.name) for item in fields(ExtractionOptions)} == {
-        **{item.name: item.default for item in fields(ExtractionOptions)},
+    command = extract_command()
+    parsed = command.make_context("extract", ["--base", "b", "--finetuned", "f", "--output", "o", "--no-act-order"])
+    flags = list(fields(ExtractionOptions))
+    assert {item.name: parsed.params[item.name] for item in flags} == {
+        **{item.name: item.default for item in flags},
         "act_order": False,
     }
-    with pytest.raises(SystemExit):
-        parser.parse_args(["extract", "--help"])
+    assert main(["extract", "--help"]) == 0
     shown = capsys.readouterr().out
-    assert all("--" + item.name.replace("_", "-") in shown for item in fields(ExtractionOptions))
+    assert all("--" + item.name.replace("_", "-") in shown for item in flags)

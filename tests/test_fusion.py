@@ -11,12 +11,12 @@ from transformers import AutoModelForCausalLM
 
 from peft_graft import GraftConfig, extract_skillpack
 from peft_graft._demo.finetune import save_finetune
-from peft_graft.cli import main
 from peft_graft.errors import FusionError
 from peft_graft.evaluation import text_nll
 from peft_graft.evaluation.tasks import chat_prompt, chat_text
 from peft_graft.ops import combine_deltas, merge_packs, pack_deltas
 from peft_graft.routing import RoutedGraftModel
+from peft_graft_cli import main
 
 from fine_tunes import save_pair
 from tiny_models import tiny_llama

@@ -374,7 +374,7 @@ def test_a_checkpoint_index_naming_a_shard_outside_its_folder_is_refused(tmp_pat
 
 
 def test_the_cli_reports_a_hostile_pack_in_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
-    from peft_graft.cli import main
+    from peft_graft_cli import main
 
     pack = _saved_pack(tmp_path / "pack")
     _rewrite_header(pack, lambda h: h[_first_key(h, "graft_S")].__setitem__("shape", ["x", 7]))

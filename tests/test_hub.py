@@ -18,9 +18,9 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from peft import PeftModel, get_peft_model
 
 from peft_graft import GraftConfig, RoutedGraftModel, RoutingError
-from peft_graft.cli import main as cli
 from peft_graft.errors import HubError, PackFormatError, UnsafePackError
 from peft_graft.hub import check_pack_folder, pull_pack, push_pack
+from peft_graft_cli import main as cli
 
 from tiny_models import tiny_llama, tiny_tokenizer, token_batch
 
@@ -281,3 +281,28 @@ def test_cli_push_and_pull(tmp_path, hub, capsys):
     assert (tmp_path / "pulled" / "README.md").is_file()
     assert cli(["pull", "org/nothing-here", str(tmp_path / "none")]) == 2
     assert "does not exist or you have no access" in capsys.readouterr().err
+
+
+def test_push_to_hub_takes_transformers_keywords_and_refuses_unknown_ones(tmp_path, hub):
+    repo = _repo("keywords")
+    model = PeftModel.from_pretrained(tiny_llama(), _pack(tmp_path / "pack")).eval()
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) bogus_kwarg; it takes .*commit_description"):
+        model.push_to_hub(repo, bogus_kwarg=1)
+    assert not HfApi().repo_exists(repo)  # refused before anything was created
+    model.push_to_hub(repo, tags=["arithmetic", "demo"], commit_description="first pack", private=True)
+    data = ModelCard(Path(hf_hub_download(repo, "README.md")).read_text()).data.to_dict()
+    assert {"peft", "graft", "skillpack", "arithmetic", "demo"} <= set(data["tags"])
+
+
+def test_a_tag_that_exists_is_refused_before_any_commit(tmp_path, hub, capsys):
+    repo = _repo("tagged")
+    api = HfApi()
+    first = push_pack(_pack(tmp_path / "v1", seed=1), repo, tag="v1")
+    with pytest.raises(HubError, match="the tag 'v1' already exists there; choose another tag"):
+        push_pack(_pack(tmp_path / "v2", seed=2), repo, tag="v1")
+    assert api.list_repo_refs(repo).branches[0].target_commit == first  # nothing was committed
+    assert cli(["push", str(tmp_path / "v2"), repo, "--tag", "v1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("peft-graft: error: cannot push to") and "already exists" in error
+    assert len(error.strip().splitlines()) == 1
+    assert api.list_repo_refs(repo).branches[0].target_commit == first

@@ -11,6 +11,7 @@ import torch
 from peft_graft.compress import svd as svd_module
 from peft_graft.compress.dense import rounding_errors
 from peft_graft.compress.svd import factorize, spectrum
+from peft_graft.errors import BudgetError
 from peft_graft.extraction import budget as budget_module
 from peft_graft.extraction.budget import ModuleCandidate, plan_budget
 from peft_graft.pack.cost import dense_bytes, direction_bytes, lowrank_overhead_bytes
@@ -217,8 +218,21 @@ def test_a_profile_without_dense_forms_keeps_the_module_low_rank():
 
 
 def test_a_budget_below_the_mandatory_bytes_is_refused():
-    with pytest.raises(ValueError, match="raise the budget"):
+    with pytest.raises(BudgetError, match="below what norms, biases and added rows need alone") as refused:
         plan_budget(100, 1_000, [], group_size=128)
+    assert refused.value.needed_bytes == 1_000
+
+
+def test_a_budget_that_buys_nothing_is_refused_with_the_least_that_keeps_a_module():
+    candidate = _planted(torch.randn(256, 256), "m")
+    with pytest.raises(BudgetError, match="buys no module's delta") as refused:
+        plan_budget(50, 10, [candidate], group_size=128)
+    needed = refused.value.needed_bytes
+    assert needed > 50
+    with pytest.raises(BudgetError):
+        plan_budget(needed - 1, 10, [candidate], group_size=128)
+    plan = plan_budget(needed, 10, [candidate], group_size=128)  # the figure the error gives is enough
+    assert plan.form("m") is not None and plan.planned_bytes <= needed
 
 
 def test_under_a_hessian_the_plan_keeps_the_directions_worth_most_to_the_output():

@@ -411,3 +411,14 @@ def test_pack_sources_round_trip_as_paths_or_hub_references(tmp_path):
     hub = PackSource("org/code-pack", revision="v1")
     assert hub.to_json(tmp_path / "router") == {"repo_id": "org/code-pack", "revision": "v1", "commit": None}
     assert PackSource.from_json(hub.to_json(tmp_path), tmp_path) == hub
+
+
+def test_to_moves_and_casts_the_model_and_the_router_together(routed):
+    prompts = [p for skill in SKILLS for p in _prompts(skill, 3, 13)]
+    routes = routed.route(prompts)
+    assert routed.to(torch.float64) is routed and routed.device == torch.device("cpu")
+    assert {p.dtype for p in routed.model.parameters()} == {torch.float64}
+    assert {p.dtype for p in routed.router.parameters()} == {torch.float64}
+    assert [name for name, _ in routed.route(prompts)] == [name for name, _ in routes]
+    with torch.no_grad():
+        assert routed(**_batch(routed, prompts)).logits.dtype == torch.float64

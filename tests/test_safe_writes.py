@@ -128,7 +128,7 @@ def test_concurrent_saves_into_one_folder_take_turns(tmp_path):
 
 
 def test_the_cli_reports_a_disk_error_in_one_line(tmp_path, capsys):
-    from peft_graft.cli import main
+    from peft_graft_cli import main
 
     build("llama").save_pretrained(tmp_path / "base")
     tiny_tokenizer().save_pretrained(tmp_path / "base")
@@ -146,12 +146,28 @@ def test_the_cli_reports_a_disk_error_in_one_line(tmp_path, capsys):
 def test_written_folders_and_files_follow_the_umask(tmp_path):
     import os
 
+    from peft import get_peft_model
+
+    from peft_graft import GraftConfig, RoutedGraftModel
+
+    from tiny_models import tiny_llama, tiny_tokenizer
+
     previous = os.umask(0o022)
     try:
         atomic.write_folder(tmp_path / "pack", _write_marker("shared"))
         atomic.write_file(tmp_path / "pack" / "card.md", "text")
+        for name in ("trained", "other"):
+            get_peft_model(tiny_llama(), GraftConfig(init_weights=False)).save_pretrained(tmp_path / name)
+        packs = {"math": tmp_path / "trained", "code": tmp_path / "other"}
+        routed = RoutedGraftModel.from_packs(tiny_llama(), packs, tiny_tokenizer())
+        routed.fit_router({"math": ["two plus two", "three times four"], "code": ["def f(x):", "return x"]})
+        routed.save_pretrained(tmp_path / "router")
     finally:
         os.umask(previous)
     # were 0700 and 0600 (mkdtemp / mkstemp): a team's shared cache could not read them
     assert (tmp_path / "pack").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "pack" / "card.md").stat().st_mode & 0o777 == 0o644
+    for saved in ("trained", "router"):
+        for path in [tmp_path / saved, *(tmp_path / saved).rglob("*")]:
+            expected = 0o755 if path.is_dir() else 0o644
+            assert path.stat().st_mode & 0o777 == expected, path

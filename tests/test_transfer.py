@@ -172,7 +172,7 @@ def test_refusals_come_before_any_training(models, tmp_path):
 
 
 def test_cli_runs_a_transfer_and_prints_its_result(models, tmp_path, capsys):
-    from peft_graft.cli import main
+    from peft_graft_cli import main
 
     target, _ = models
     options = json.dumps({"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})

@@ -7,6 +7,9 @@ with different packs stay independent.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
@@ -16,6 +19,31 @@ BASE_ADAPTER = "__base__"
 
 ROW_ADAPTERS: ContextVar[list[str] | None] = ContextVar("peft_graft_row_adapters", default=None)
 """Per-row adapter names of the forward / generate call running in this thread (or task)."""
+
+# How many calls with row adapters are running, in any thread. Layers look the context variable up only when some
+# are: torch.compile cannot trace a ContextVar lookup (a graph break in every layer), but it can read this int.
+_row_calls = 0
+_row_calls_lock = threading.Lock()
+
+
+@contextmanager
+def rows_named(adapter_names: list[str]) -> Iterator[None]:
+    """Give every GRAFT layer these per-row adapter names for the calls made inside the block (this thread only)."""
+    global _row_calls
+    with _row_calls_lock:
+        _row_calls += 1
+    token = ROW_ADAPTERS.set(list(adapter_names))
+    try:
+        yield
+    finally:
+        ROW_ADAPTERS.reset(token)
+        with _row_calls_lock:
+            _row_calls -= 1
+
+
+def current_row_adapters() -> list[str] | None:
+    """The per-row adapter names of the call running in this thread, if any."""
+    return ROW_ADAPTERS.get() if _row_calls else None
 
 
 def row_adapters(adapter_names: list[str], owns) -> list[str]:

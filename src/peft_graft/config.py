@@ -195,7 +195,8 @@ class GraftConfig(PeftConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise GraftConfigError(f"dropout must be in [0, 1), got {self.dropout}", field="dropout")
         if self.base_model_fingerprint is not None and not (
-            isinstance(self.base_model_fingerprint, str) and self.base_model_fingerprint.startswith(FINGERPRINT_PREFIX)
+            isinstance(self.base_model_fingerprint, str)
+            and all(part.startswith(FINGERPRINT_PREFIX) for part in self.base_model_fingerprint.split(","))
         ):
             raise GraftConfigError(
                 f"base_model_fingerprint must be a string starting with {FINGERPRINT_PREFIX!r}, "

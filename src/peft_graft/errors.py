@@ -14,6 +14,14 @@ class GraftError(Exception):
     """Base class of every error raised by peft-graft."""
 
 
+class MissingExtraError(GraftError, ImportError):
+    """An optional dependency is not installed; `extra` names the peft-graft extra that installs it."""
+
+    def __init__(self, message: str, *, extra: str | None = None) -> None:
+        super().__init__(message)
+        self.extra = extra
+
+
 # ----- configs and packs --------------------------------------------------------------------------------------------
 
 
@@ -79,11 +87,21 @@ class NonFiniteDeltaError(CheckpointError):
 
 
 class BudgetError(GraftError, ValueError):
-    """The requested byte budget cannot be met; `budget` is the fraction asked for."""
+    """The requested byte budget cannot be met; `budget` is the fraction asked for, `smallest` (where known) the
+    smallest fraction that keeps any module."""
 
-    def __init__(self, message: str, *, budget: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        budget: float | None = None,
+        smallest: float | None = None,
+        needed_bytes: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.budget = budget
+        self.smallest = smallest
+        self.needed_bytes = needed_bytes
 
 
 # ----- Hub and routing ----------------------------------------------------------------------------------------------

@@ -139,14 +139,17 @@ def push_pack(
     private: bool | None = None,
     token: str | bool | None = None,
     commit_message: str | None = None,
+    commit_description: str | None = None,
     create_pr: bool = False,
+    tags: list[str] | None = None,
 ) -> str:
-    """Upload a pack folder (with a freshly rendered model card) as one commit; optionally tag it.
+    """Upload a pack folder (with a freshly rendered model card) as one commit; optionally tag the commit (`tag`,
+    refused before the upload if it exists). `tags` are model-card tags, as in ``transformers``' ``push_to_hub``.
 
     Returns the commit id. Only the pack's own files are uploaded.
     """
     pack = PackFolder(folder)
-    card = str(pack_card(pack, repo_id=repo_id)).encode("utf-8")
+    card = str(pack_card(pack, repo_id=repo_id, tags=tags)).encode("utf-8")
     files = [file for file in pack.files() if file.name != layout.CARD_FILE]
     return upload_files(
         repo_id,
@@ -157,6 +160,7 @@ def push_pack(
         private=private,
         token=token,
         commit_message=commit_message or "Upload SkillPack with peft-graft",
+        commit_description=commit_description,
         create_pr=create_pr,
         root=pack.path,
     )
@@ -174,8 +178,10 @@ def upload_files(
     token: str | bool | None,
     commit_message: str,
     create_pr: bool,
+    commit_description: str | None = None,
 ) -> str:
-    """Create the repo if needed, then commit `files` (paths relative to `root`) plus in-memory `extra` files."""
+    """Create the repo if needed, then commit `files` (paths relative to `root`) plus in-memory `extra` files; a
+    `tag` that already exists is refused before anything is committed."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=token)
@@ -183,10 +189,22 @@ def upload_files(
     operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in extra.items()]
     with hub_errors("push to", repo_id, revision):
         api.create_repo(repo_id, private=private, exist_ok=True)
+        if tag is not None and tag in {ref.name for ref in api.list_repo_refs(repo_id).tags}:
+            raise HubError(
+                f"cannot push to {repo_id}: the tag {tag!r} already exists there; choose another tag (nothing was "
+                "uploaded)",
+                repo_id=repo_id,
+                revision=revision,
+            )
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.create_commit(
-            repo_id, operations, commit_message=commit_message, revision=revision, create_pr=create_pr
+            repo_id,
+            operations,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
         )
         if tag is not None:
             api.create_tag(repo_id, tag=tag, revision=info.oid)

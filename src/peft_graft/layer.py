@@ -31,7 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._mixed_batch import BASE_ADAPTER, ROW_ADAPTERS, StackCache, row_adapters, row_slots
+from ._mixed_batch import BASE_ADAPTER, StackCache, current_row_adapters, row_adapters, row_slots
 from .compress import csr_row_pointers, scatter_dense
 from .errors import GraftConfigError
 
@@ -115,7 +115,7 @@ class GraftLayer(BaseTunerLayer):
         """The base output plus the active adapters' deltas (or each row's own, in a mixed batch)."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
-            adapter_names = ROW_ADAPTERS.get()
+            adapter_names = current_row_adapters()
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -513,6 +513,8 @@ class GraftNorm(nn.Module, GraftLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced: parameters are passed functionally (see _call_with), no lock
+            return GraftLayer.forward(self, x, *args, **kwargs)
         # every call of the base norm runs under the lock, so none can see another thread's swapped parameters
         with _NORM_PARAMETER_LOCK:
             return GraftLayer.forward(self, x, *args, **kwargs)
@@ -540,6 +542,8 @@ class GraftNorm(nn.Module, GraftLayer):
         if not parameters:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
+        if torch.compiler.is_compiling():  # torch.compile traces functional_call; it cannot trace the swap
+            return torch.func.functional_call(base, parameters, (x, *args), kwargs, strict=False)
         saved = {name: base._parameters[name] for name in parameters}
         base._parameters.update(parameters)
         try:

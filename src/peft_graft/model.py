@@ -15,7 +15,7 @@ from peft.utils.other import match_target_against_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._mixed_batch import BASE_ADAPTER, ROW_ADAPTERS
+from ._mixed_batch import BASE_ADAPTER, rows_named
 from .config import GraftConfig
 from .errors import GraftConfigError, PackFormatError
 from .layer import GraftEmbedding, GraftLayer, GraftLinear, GraftNorm, graft_layers
@@ -188,11 +188,8 @@ class GraftModel(BaseTuner):
         if isinstance(num_beams, int) and num_beams > 1:
             # generate() repeats every input row num_beams times
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
-        token = ROW_ADAPTERS.set(list(adapter_names))
-        try:
+        with rows_named(adapter_names):
             yield
-        finally:
-            ROW_ADAPTERS.reset(token)
 
     @classmethod
     def _get_adapter_state_dict(

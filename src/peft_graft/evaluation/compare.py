@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..utils.extras import require_extra
 from .tasks import Example, ReasoningTask, chat_prompt, generate_answers
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -26,6 +27,7 @@ METRICS = ("reasoning_exact_match", "code_pass_at_1", "token_perplexity")
 
 def load_metric(name: str):
     """A metric shipped with peft-graft, loaded by path with ``evaluate.load`` (offline)."""
+    require_extra("eval", "peft-graft's metrics", ("evaluate",))
     import evaluate
 
     if name not in METRICS:
@@ -114,6 +116,10 @@ class Comparison:
     finetuned: str = "finetuned"
 
     def retention(self, name: str) -> float | None:
+        """The share of the fine-tune's gain over the base that `name` keeps, on exact match (higher is better);
+        None for the references themselves, without both references, and for perplexity (lower is better)."""
+        if self.metric == "perplexity":
+            return None
         if name in (self.base, self.finetuned) or self.base not in self.scores or self.finetuned not in self.scores:
             return None
         return retention(self.scores[name], self.scores[self.base], self.scores[self.finetuned])
@@ -133,11 +139,20 @@ class Comparison:
         }
 
     def table(self) -> str:
-        lines = [f"| model | {self.metric} | retention | perplexity |", "|---|---:|---:|---:|"]
+        """A markdown table: exact match and retention when questions were scored, perplexity when texts were."""
+        columns = ["model"]
+        if self.metric != "perplexity":
+            columns += [self.metric, "retention"]
+        if self.perplexities:
+            columns.append("perplexity (lower is better)")
+        lines = ["| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
         for row in self.to_dict()["rows"]:
-            kept = "-" if row["retention"] is None else f"{row['retention']:.1%}"
-            ppl = "-" if row["perplexity"] is None else f"{row['perplexity']:.3f}"
-            lines.append(f"| {row['model']} | {row[self.metric]:.4f} | {kept} | {ppl} |")
+            cells = [row["model"]]
+            if self.metric != "perplexity":
+                cells += [f"{row[self.metric]:.4f}", "-" if row["retention"] is None else f"{row['retention']:.1%}"]
+            if self.perplexities:
+                cells.append("-" if row["perplexity"] is None else f"{row['perplexity']:.3f}")
+            lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
 

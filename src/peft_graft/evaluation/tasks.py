@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..utils.extras import require_extra
+
 SYSTEM_PROMPT = "Answer with the final answer only."
 
 
@@ -28,6 +30,7 @@ class ReasoningTask:
     """A reasoning-gym task (``pip install reasoning-gym``), e.g. ``ReasoningTask("basic_arithmetic")``."""
 
     def __init__(self, name: str, **dataset_options: Any) -> None:
+        require_extra("eval", "a reasoning-gym task", ("reasoning_gym",))
         import reasoning_gym
 
         self.name = name

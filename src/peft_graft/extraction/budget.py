@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import BudgetError
 from ..pack.cost import (
     SPARSE_ENTRY_BYTES,
     band_overhead_bytes,
@@ -143,14 +144,21 @@ def plan_budget(
     levels: tuple[int, ...] = (2, 3, 4, 8),
 ) -> BudgetPlan:
     """Allocate `budget_bytes` (minus `mandatory_bytes`) across modules; see the module docstring."""
-    if budget_bytes < mandatory_bytes:
-        raise ValueError(
-            f"the budget ({budget_bytes} bytes) is below what norms, biases and added rows need alone "
-            f"({mandatory_bytes} bytes); raise the budget"
-        )
     levels = tuple(sorted(levels))
     curves = [_curve(candidate, group_size, levels) for candidate in candidates]
+    # the least that keeps anything: what must be stored, plus the cheapest first step of any module
+    needed = mandatory_bytes + math.ceil(min((_least_bytes(curve) for curve in curves), default=0.0))
+    if budget_bytes < mandatory_bytes:
+        raise BudgetError(
+            f"{budget_bytes} bytes is below what norms, biases and added rows need alone ({mandatory_bytes} bytes)",
+            needed_bytes=needed,
+        )
     chosen = _allocate(curves, budget_bytes - mandatory_bytes)
+    if curves and all(curve.choice(point) is None for curve, point in zip(curves, chosen, strict=True)):
+        raise BudgetError(
+            f"{budget_bytes} bytes buys no module's delta (the least that keeps one is {needed} bytes)",
+            needed_bytes=needed,
+        )
     plan = BudgetPlan()
     spent = 0.0
     for curve, point in zip(curves, chosen, strict=True):
@@ -172,6 +180,20 @@ def plan_budget(
             plan.sparse[name] = value
     plan.planned_bytes = math.ceil(spent) + mandatory_bytes
     return plan
+
+
+def _least_bytes(curve: _Curve) -> float:
+    """The fewest bytes that keep anything of a module, whatever the budget: the cheapest point of its low-rank,
+    quantized and dense forms, and for its sparse form one full chunk of entries (chunks shrink with a tiny budget,
+    so a figure read off the sparse curve would not hold at a larger one)."""
+    least = math.inf
+    for form, first, values in curve.segments:
+        if form == "sparse":
+            entries = min(_SPARSE_CHUNK, curve.candidate.out_features * curve.candidate.in_features)
+            least = min(least, float(header_bytes(curve.candidate.name, 2) + SPARSE_ENTRY_BYTES * entries))
+        elif values:
+            least = min(least, float(curve.bytes[first : first + len(values)].min()))
+    return 0.0 if least == math.inf else least
 
 
 def _allocate(curves: list[_Curve], budget: float) -> list[int]:

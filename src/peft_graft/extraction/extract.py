@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import GraftConfig
-from ..errors import CheckpointMismatchError, GraftError, MissingTensorError
+from ..errors import BudgetError, CheckpointMismatchError, GraftError, MissingTensorError
 from ..pack import layout
 from ..pack.folder import is_pack_folder, write_pack
 from ..pack.provenance import base_parameters, fingerprint_checkpoint
@@ -152,10 +152,20 @@ def _extract(run: _Run) -> ExtractionReport:
     stages = {"setup": time.perf_counter() - run.started}
     plan = staging.plan()
     if run.budget_bytes is not None and plan is None:
-        plan = plan_extraction(
-            run.specs, DevicePool(run.device_deltas), config, run.budget_bytes, run.grown_rows, staging,
-            options.progress, options.forms, frequencies,
-        )  # fmt: skip
+        try:
+            plan = plan_extraction(
+                run.specs, DevicePool(run.device_deltas), config, run.budget_bytes, run.grown_rows, staging,
+                options.progress, options.forms, frequencies,
+            )  # fmt: skip
+        except BudgetError as error:  # in the caller's unit: a fraction of the fp16 delta
+            smallest = error.needed_bytes / run.fp16_delta_bytes if error.needed_bytes else None
+            raise BudgetError(
+                f"a budget of {options.budget:.4g} of the fp16 delta is too small: {error}; the smallest budget that "
+                f"keeps any module is {smallest:.3g}",
+                budget=options.budget,
+                smallest=smallest,
+                needed_bytes=error.needed_bytes,
+            ) from None
         staging.save_plan(plan)
     stages["planning"] = time.perf_counter() - run.started - sum(stages.values())
 

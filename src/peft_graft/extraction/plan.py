@@ -29,7 +29,6 @@ from ..compress import LargestEntries, MagnitudeHistogram
 from ..compress.dense import rounding_errors
 from ..compress.svd import Spectrum, gram_spectrum, spectrum, squared_norm
 from ..config import GraftConfig
-from ..errors import BudgetError
 from ..pack.cost import SPARSE_ENTRY_BYTES, dense_bytes, header_bytes
 from .budget import BudgetPlan, ModuleCandidate, plan_budget
 from .delta import DeltaReader
@@ -113,10 +112,7 @@ def plan_extraction(
         )
 
     while True:
-        try:
-            plan = plan_budget(budget_bytes, mandatory, candidates, config.group_size)
-        except ValueError as error:
-            raise BudgetError(str(error)) from error
+        plan = plan_budget(budget_bytes, mandatory, candidates, config.group_size)
         short = {
             candidate.name
             for candidate in candidates

@@ -5,6 +5,8 @@ The patches change PEFT's behaviour for GRAFT adapters only; integrations/__init
 
 from __future__ import annotations
 
+import inspect
+
 from peft.utils import PeftType
 
 from ..pack.layout import KEY_PREFIX, PEFT_TYPE
@@ -147,7 +149,8 @@ def write_pack_cards_on_save() -> None:
         import os
 
         from peft_graft.pack.card import write_pack_card
-        from peft_graft.utils.atomic import folder_lock
+        from peft_graft.pack.folder import PackFolder
+        from peft_graft.utils.atomic import folder_lock, follow_umask
 
         if not any(config.peft_type == _NAME for config in self.peft_config.values()):
             return original_save(
@@ -167,12 +170,20 @@ def write_pack_cards_on_save() -> None:
                 if self.peft_config[name].peft_type == _NAME:
                     folder = save_directory if name == "default" else os.path.join(save_directory, name)
                     write_pack_card(folder)
+                    # safetensors writes the weights 0600: a saved pack follows the umask, like any file
+                    follow_umask(*PackFolder(folder, require_weights=False).files())
 
     original_push = PeftModel.push_to_hub
 
     def push_to_hub(self, repo_id: str, *args, **kwargs):
         if args or not all(config.peft_type == _NAME for config in self.peft_config.values()):
             return original_push(self, repo_id, *args, **kwargs)
+        known = [name for name in inspect.signature(_push_graft_model).parameters if name not in ("model", "repo_id")]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise TypeError(
+                f"push_to_hub() got unexpected keyword argument(s) {', '.join(unknown)}; it takes {', '.join(known)}"
+            )
         return _push_graft_model(self, repo_id, **kwargs)
 
     save_pretrained._peft_graft_wrapped = True
@@ -186,14 +197,17 @@ def _push_graft_model(
     repo_id: str,
     *,
     commit_message: str | None = None,
+    commit_description: str | None = None,
     private: bool | None = None,
     token=None,
     revision: str | None = None,
     create_pr: bool = False,
     tags: list[str] | None = None,
     tag: str | None = None,
-    **unused,
+    max_shard_size: int | str | None = None,
 ):
+    """transformers' ``push_to_hub`` for a SkillPack: the same keywords, and `tag` (a git tag of the commit) besides;
+    an unknown keyword is a TypeError, as for any function. `max_shard_size` changes nothing (a pack is one file)."""
     import tempfile
 
     from peft_graft.hub import push_pack
@@ -215,5 +229,7 @@ def _push_graft_model(
             private=private,
             token=token,
             commit_message=commit_message,
+            commit_description=commit_description,
             create_pr=create_pr,
+            tags=tags,
         )

@@ -25,6 +25,7 @@ from ..pack.codec import QUANTIZED_PREFIX, decode_lowrank
 from ..pack.folder import PackFolder, is_adapter_folder
 from ..pack.layout import ADAPTER_WEIGHTS, PEFT_PREFIX, TOKENIZER_CONFIG
 from ..utils.atomic import check_replaceable, is_model_folder, write_folder
+from ..utils.extras import require_extra
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ def export_lora(
         raise ExportError("pass both base= and merged_base_dir= to merge the non-LoRA deltas, or neither to drop them")
     for target in (output_dir, Path(merged_base_dir) if merged_base_dir else None):
         if target is not None and target.exists() and not overwrite:
-            raise FileExistsError(f"{target} already exists; choose another folder or pass overwrite=True")
+            raise FileExistsError(
+                f"{target} already exists; choose another folder or pass overwrite=True (--overwrite)"
+            )
     config = folder.config
     report = LoraExport(str(output_dir))
     lora = _peft_lora_tensors(_lora_factors(folder, report, merging=merged_base_dir is not None))
@@ -234,16 +237,14 @@ def export_gguf(
     pack records). llama.cpp scales every pair by ``alpha / rank`` with one alpha per file; each B is pre-scaled so
     that every module keeps its exact delta. Parts with no LoRA form are dropped, as by :func:`export_lora`.
     """
-    try:
-        import gguf
-    except ModuleNotFoundError:
-        raise ExportError("the GGUF export needs the gguf package: pip install 'peft-graft[gguf]'") from None
+    require_extra("gguf", "the GGUF export")
+    import gguf
     import numpy as np
 
     folder = PackFolder(pack)
     output_file = Path(output_file)
     if output_file.exists() and not overwrite:
-        raise FileExistsError(f"{output_file} already exists; choose another file or pass overwrite=True")
+        raise FileExistsError(f"{output_file} already exists; choose another file or pass overwrite=True (--overwrite)")
     base = Path(base or folder.config.get("base_model_name_or_path") or "")
     if not (base / "config.json").is_file():
         raise ExportError(

@@ -128,7 +128,9 @@ def merge_packs(
 
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
+        raise FileExistsError(
+            f"{output_dir} already exists; choose another folder or pass overwrite=True (--overwrite)"
+        )
     if method not in METHODS:
         raise FusionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not packs:

@@ -9,7 +9,6 @@ A pack's card is built from the pack folder alone: ``adapter_config.json`` (base
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,11 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..utils.atomic import write_file
 from .folder import PackFolder
-from .layout import CARD_FILE, LOWRANK
+from .layout import CARD_FILE
+from .summary import pack_summary, span_text
 
 PACK_TAGS = ["peft", "graft", "skillpack"]
 ROUTER_TAGS = ["peft", "graft", "skillpack", "router"]
-# How the card's size table names a module form where the pack has no roles (packs trained with get_peft_model)
-_FORM_LABELS = {LOWRANK: "low-rank"}
 
 
 def templates_dir() -> Path:
@@ -42,26 +40,28 @@ def human_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def pack_card(folder: str | os.PathLike | PackFolder, repo_id: str | None = None) -> ModelCard:
-    """The model card of a pack folder (``repo_id`` goes into the load snippet)."""
+def pack_card(
+    folder: str | os.PathLike | PackFolder, repo_id: str | None = None, tags: list[str] | None = None
+) -> ModelCard:
+    """The model card of a pack folder (``repo_id`` goes into the load snippet; `tags` join the card's tags)."""
     pack = folder if isinstance(folder, PackFolder) else PackFolder(folder, require_weights=False)
     config = pack.config
-    report = pack.report or {}
     info: dict[str, Any] = dict(config.get("pack_info") or {})
-    roles = {module["name"]: module["role"] for module in report.get("modules", [])}
-    pack_bytes = pack.pack_bytes
-    fp16_delta_bytes = info.get("fp16_delta_bytes") or report.get("fp16_delta_bytes")
-
-    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for module, (form, size) in pack.module_bytes().items():
-        key = roles.get(module, _FORM_LABELS.get(form, form))
-        groups[key][0] += 1
-        groups[key][1] += size
-    total = sum(size for _, size in groups.values()) or 1
+    summary = pack_summary(pack)
+    key = summary["keyed_by"]
     size_table = [
-        {"key": key, "modules": count, "bytes": human_bytes(size), "share": f"{size / total:.1%}"}
-        for key, (count, size) in sorted(groups.items(), key=lambda item: -item[1][1])
+        {
+            "key": row[key],
+            "modules": row["modules"],
+            "forms": ", ".join(row["forms"]),
+            "ranks": span_text(row["ranks"]),
+            "bits": "/".join(map(str, row["bits"])) or "-",
+            "bytes": human_bytes(row["bytes"]),
+            "share": f"{row['share']:.1%}",
+        }
+        for row in summary["groups"]
     ]
+    pack_bytes, fp16_delta_bytes = summary["pack_bytes"], summary["fp16_delta_bytes"]
 
     recorded_base = config.get("base_model_name_or_path")
     base_model = recorded_base or "unknown"
@@ -74,7 +74,7 @@ def pack_card(folder: str | os.PathLike | PackFolder, repo_id: str | None = None
     data = ModelCardData(
         library_name="peft",
         base_model=recorded_base if recorded_base and _is_repo_id(recorded_base) else None,
-        tags=PACK_TAGS,
+        tags=_tags(PACK_TAGS, tags),
         pipeline_tag="text-generation" if config.get("task_type") in (None, "CAUSAL_LM") else None,
         license=info.get("license"),
         model_name=repo_id,
@@ -109,7 +109,7 @@ def pack_card(folder: str | os.PathLike | PackFolder, repo_id: str | None = None
         if calibrated
         else "round-to-nearest (no calibration data)",
         budget=f"{info['budget']:.4g}" if info.get("budget") else None,
-        table_key="role" if roles else "form",
+        table_key=key,
         size_table=size_table,
         pack_bytes=human_bytes(pack_bytes),
         fp16_delta_bytes=human_bytes(fp16_delta_bytes) if fp16_delta_bytes else None,
@@ -118,7 +118,7 @@ def pack_card(folder: str | os.PathLike | PackFolder, repo_id: str | None = None
     )
 
 
-def router_card(config: dict[str, Any], repo_id: str) -> ModelCard:
+def router_card(config: dict[str, Any], repo_id: str, tags: list[str] | None = None) -> ModelCard:
     """The model card of a router, from its ``router_config.json`` contents."""
     recorded_base = config.get("base_model_name_or_path")
     base_model = recorded_base or "unknown"
@@ -135,7 +135,7 @@ def router_card(config: dict[str, Any], repo_id: str) -> ModelCard:
     data = ModelCardData(
         library_name="peft",
         base_model=recorded_base if recorded_base and _is_repo_id(recorded_base) else None,
-        tags=ROUTER_TAGS,
+        tags=_tags(ROUTER_TAGS, tags),
         pipeline_tag="text-generation",
     )
     return ModelCard.from_template(
@@ -161,6 +161,10 @@ def write_pack_card(folder: str | os.PathLike | PackFolder, repo_id: str | None 
     """(Re)write a pack folder's README.md from its files."""
     pack = folder if isinstance(folder, PackFolder) else PackFolder(folder, require_weights=False)
     return write_card(pack_card(pack, repo_id=repo_id), pack.path)
+
+
+def _tags(ours: list[str], extra: list[str] | None) -> list[str]:
+    return list(dict.fromkeys([*ours, *(extra or [])]))
 
 
 def _eval_result(result: dict[str, Any]) -> EvalResult:

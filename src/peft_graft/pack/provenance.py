@@ -5,8 +5,11 @@ of each at positions derived from its name. It never reads a whole tensor: from 
 safetensors headers and a handful of 2-byte reads per tensor, so an 8B base costs milliseconds.
 
 Values are compared at bfloat16 precision, with magnitudes under 2⁻¹⁴ counted as zero, so the same bf16 or fp16
-checkpoint gives the same fingerprint whether it is loaded in bf16, fp16 or fp32. The storage dtype is therefore
-not part of the hash: a pack works on its base in any float dtype.
+checkpoint gives the same fingerprint whether it is loaded in bf16, fp16 or fp32. An fp32 checkpoint loaded in fp16
+is rounded twice (to fp16, then to bf16 precision), which can differ from rounding it once; so where values are finer
+than fp16, a fingerprint also records that twice-rounded variant: ``"graft-fp1:<direct>,graft-fp1:<through fp16>"``.
+Two fingerprints match when they share a variant. The storage dtype is therefore not part of the hash: a pack works
+on its base in any float dtype.
 """
 
 from __future__ import annotations
@@ -45,20 +48,38 @@ def sample_positions(name: str, numel: int) -> list[int]:
     return [int.from_bytes(digest[8 * i : 8 * i + 8], "little") % numel for i in range(SAMPLES_PER_TENSOR)]
 
 
-def _canonical(values: torch.Tensor) -> bytes:
-    values = values.detach().float().bfloat16().float()
+def _canonical(values: torch.Tensor, through_float16: bool = False) -> bytes:
+    values = values.detach().float()
+    if through_float16:  # as an fp16 load would round them first
+        values = values.half().float()
+    values = values.bfloat16().float()
     values[values.abs() < _SMALLEST_NORMAL_FP16] = 0.0
     return values.bfloat16().view(torch.int16).numpy().tobytes()
 
 
 def _fingerprint(tensors: Iterable[tuple[str, tuple[int, ...], Callable[[list[int]], torch.Tensor]]]) -> str:
-    digest = hashlib.sha256()
+    """The fingerprint: its direct variant, and the variant through fp16 where that differs (comma-separated)."""
+    digests = [hashlib.sha256(), hashlib.sha256()]
     for name, shape, read in sorted(tensors, key=lambda item: item[0]):
-        digest.update(f"{name}|{','.join(map(str, shape))}|".encode())
+        header = f"{name}|{','.join(map(str, shape))}|".encode()
         numel = math.prod(shape)
-        if numel:
-            digest.update(_canonical(read(sample_positions(name, numel))))
-    return FINGERPRINT_PREFIX + digest.hexdigest()[:32]
+        values = read(sample_positions(name, numel)) if numel else None
+        for through_float16, digest in enumerate(digests):
+            digest.update(header)
+            if values is not None:
+                digest.update(_canonical(values, bool(through_float16)))
+    variants = dict.fromkeys(FINGERPRINT_PREFIX + digest.hexdigest()[:32] for digest in digests)
+    return ",".join(variants)
+
+
+def fingerprint_variants(fingerprint: str) -> frozenset[str]:
+    """The variants a recorded fingerprint accepts (one, or two for bases finer than fp16)."""
+    return frozenset(part for part in fingerprint.split(",") if part)
+
+
+def same_base(first: str, second: str) -> bool:
+    """Whether two fingerprints name the same base weights (they share a variant)."""
+    return bool(fingerprint_variants(first) & fingerprint_variants(second))
 
 
 def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -143,7 +164,7 @@ def verify_base(model: nn.Module, recorded: str | None, recorded_name: str | Non
             pack,
         )
         return
-    if actual == recorded:
+    if same_base(actual, recorded):
         return
     loaded_name = _model_name(model)
     message = (
@@ -178,5 +199,7 @@ __all__ = [
     "base_parameters",
     "fingerprint_checkpoint",
     "fingerprint_model",
+    "fingerprint_variants",
+    "same_base",
     "verify_base",
 ]

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .._mixed_batch import BASE_ADAPTER, ROW_ADAPTERS
+from .._mixed_batch import BASE_ADAPTER, rows_named
 from ..errors import RoutingError
 
 
@@ -95,12 +95,8 @@ class BaseModelEmbedder:
     def embed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of already tokenized queries (any padding side)."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        token = ROW_ADAPTERS.set([BASE_ADAPTER] * input_ids.shape[0])
-        try:
-            with torch.no_grad():
-                hidden = self._hidden_state(input_ids, mask).float()
-        finally:
-            ROW_ADAPTERS.reset(token)
+        with rows_named([BASE_ADAPTER] * input_ids.shape[0]), torch.no_grad():
+            hidden = self._hidden_state(input_ids, mask).float()
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
@@ -218,8 +214,9 @@ class GraftRouter(nn.Module):
 
     def predict(self, embeddings: torch.Tensor) -> list[tuple[str, float]]:
         """Top-1 label and its probability for each embedding."""
-        with torch.no_grad():
-            probabilities = self(embeddings).softmax(-1)
+        weight = next(self.parameters())
+        with torch.no_grad():  # the embeddings come from the base model, which may sit elsewhere
+            probabilities = self(embeddings.to(weight.device, weight.dtype)).softmax(-1)
         best = probabilities.max(-1)
         return [(self.labels[int(i)], float(p)) for p, i in zip(best.values, best.indices, strict=True)]
 

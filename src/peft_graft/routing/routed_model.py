@@ -22,7 +22,7 @@ from .._mixed_batch import BASE_ADAPTER
 from ..errors import RoutingError
 from ..extraction.checkpoint import commit_of
 from ..pack.folder import PackFolder
-from ..pack.provenance import allow_base_mismatch
+from ..pack.provenance import allow_base_mismatch, fingerprint_variants
 from .classifier import BaseModelEmbedder, GraftRouter, ManualRouter, QueryEmbedder
 from .config import PackSource, RouterConfig, check_pack_name
 from .storage import load_router, push_router_folder, save_router
@@ -99,6 +99,18 @@ class RoutedGraftModel:
     @property
     def labels(self) -> list[str]:
         return list(self.sources)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model (and the router with it) runs."""
+        return next(self.model.parameters()).device
+
+    def to(self, *args: Any, **kwargs: Any) -> RoutedGraftModel:
+        """Move (or cast) the model with its packs and the router classifier, as ``nn.Module.to``; returns self."""
+        self.model.to(*args, **kwargs)
+        if self.router is not None:
+            self.router.to(*args, **kwargs)
+        return self
 
     @property
     def base_fingerprint(self) -> str | None:
@@ -305,7 +317,9 @@ class RoutedGraftModel:
         private: bool | None = None,
         token: str | bool | None = None,
         commit_message: str | None = None,
+        commit_description: str | None = None,
         create_pr: bool = False,
+        tags: list[str] | None = None,
     ) -> str:
         """Upload the router (config, weights, card, and its local packs under ``packs/``) as one commit.
 
@@ -321,7 +335,9 @@ class RoutedGraftModel:
                 private=private,
                 token=token,
                 commit_message=commit_message,
+                commit_description=commit_description,
                 create_pr=create_pr,
+                tags=tags,
             )
 
     @classmethod
@@ -405,8 +421,9 @@ def _check_one_base(folders: Mapping[str, Path | None], known: str | None = None
         config = PackFolder(folder).config
         if config.get("base_model_fingerprint"):
             recorded[name] = (config["base_model_fingerprint"], config.get("base_model_name_or_path"))
-    fingerprints = {fingerprint for fingerprint, _ in recorded.values()} | ({known} if known else set())
-    if len(fingerprints) > 1:
+    variants = [fingerprint_variants(fingerprint) for fingerprint, _ in recorded.values()]
+    variants += [fingerprint_variants(known)] if known else []
+    if variants and not frozenset.intersection(*variants):  # every pack must accept one same base
         described = "; ".join(f"{name}: {base} ({fp})" for name, (fp, base) in recorded.items())
         if known:
             described += f"; loaded packs: {known}"

@@ -22,6 +22,7 @@ from ..hub import hub_errors, upload_files
 from ..pack.card import router_card, write_card
 from ..pack.folder import PackFolder, verify_weights
 from ..pack.layout import CARD_FILE, PACK_FILES
+from ..utils.atomic import follow_umask
 from ..utils.digest import file_sha256
 from ..utils.safetensors_io import DTYPES, read_safetensors_header
 from .config import ROUTER_CONFIG, ROUTER_WEIGHTS, RouterConfig, inside
@@ -53,6 +54,7 @@ def save_router(routed: RoutedGraftModel, directory: str | os.PathLike) -> None:
             config.weights_sha256 = file_sha256(staging / ROUTER_WEIGHTS)
         (staging / ROUTER_CONFIG).write_text(config.to_json(), encoding="utf-8")
         write_card(router_card(asdict(config), repo_id=directory.resolve().name), staging)
+        follow_umask(staging)
         for name in copied:
             target = directory / "packs" / name
             target.parent.mkdir(exist_ok=True)
@@ -159,7 +161,9 @@ def push_router_folder(
     private: bool | None = None,
     token: str | bool | None = None,
     commit_message: str | None = None,
+    commit_description: str | None = None,
     create_pr: bool = False,
+    tags: list[str] | None = None,
 ) -> str:
     """Upload a saved router folder (config, weights, card, packs under ``packs/``) as one commit; returns its id."""
     root = Path(folder).resolve()
@@ -168,7 +172,7 @@ def push_router_folder(
     for source in config.packs.values():
         if "path" in source:
             files += PackFolder(inside(root, source["path"])).files()
-    card = str(router_card(asdict(config), repo_id=repo_id)).encode("utf-8")
+    card = str(router_card(asdict(config), repo_id=repo_id, tags=tags)).encode("utf-8")
     return upload_files(
         repo_id,
         files,
@@ -179,6 +183,7 @@ def push_router_folder(
         private=private,
         token=token,
         commit_message=commit_message or "Upload SkillPack router with peft-graft",
+        commit_description=commit_description,
         create_pr=create_pr,
     )
 

@@ -157,5 +157,5 @@ class ServerProcess(ChildServer):
         self, *arguments: str, port: int | None = None, startup_timeout: float = 300.0, output: Any = None
     ) -> None:
         port = free_port() if port is None else port
-        command = [sys.executable, "-m", "peft_graft.cli", "serve", *arguments, "--port", str(port)]
+        command = [sys.executable, "-m", "peft_graft_cli", "serve", *arguments, "--port", str(port)]
         super().__init__(command, port=port, startup_timeout=startup_timeout, output=output)

@@ -38,9 +38,9 @@ def write_folder(
     with folder_lock(target):
         _remove_leftovers(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; a saved folder follows the umask like any other
         try:
             write(staging)
+            follow_umask(staging)
             if target.exists():
                 check_replaceable(target, overwrite, replaceable, kind)
                 _swap(staging, target)
@@ -142,6 +142,23 @@ def write_file(target: Path, content: str | bytes) -> Path:
         Path(staging).unlink(missing_ok=True)
         raise
     return target
+
+
+def follow_umask(*paths: str | os.PathLike) -> None:
+    """Give each path (a folder: with everything under it) the mode a plain ``mkdir`` / ``open`` would, 0777 / 0666
+    less the umask: temporary folders and files start at 0700 / 0600 (safetensors' files too), and a team's shared
+    cache must be able to read what is saved."""
+    umask = _umask()
+    for path in paths:
+        if not os.path.isdir(path):
+            os.chmod(path, 0o666 & ~umask)
+            continue
+        os.chmod(path, 0o777 & ~umask)
+        for folder, folders, files in os.walk(path):
+            for name in folders:
+                os.chmod(os.path.join(folder, name), 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
 def _umask() -> int:
