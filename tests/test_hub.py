@@ -280,7 +280,11 @@ def test_cli_push_and_pull(tmp_path, hub, capsys):
     assert torch.equal(_logits(pulled), _logits(PeftModel.from_pretrained(tiny_llama(), folder).eval()))
     assert (tmp_path / "pulled" / "README.md").is_file()
     assert cli(["pull", "org/nothing-here", str(tmp_path / "none")]) == 2
-    assert "does not exist or you have no access" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "cannot pull the pack org/nothing-here: the repo does not exist or you have no access" in error
+    assert cli(["pull", repo, str(tmp_path / "none"), "--revision", "nope"]) == 2
+    error = capsys.readouterr().err  # about the pack and its revision, not the router file looked for first
+    assert "revision 'nope' does not exist" in error and "router_config.json" not in error
 
 
 def test_push_to_hub_takes_transformers_keywords_and_refuses_unknown_ones(tmp_path, hub):
