@@ -275,7 +275,7 @@ def _evaluate(values: dict[str, Any], packs: dict[str, str], task_options: dict[
     if values["as_json"]:
         output.json_out(report)
     else:
-        output.text(comparison.table())
+        output.result(comparison.table())
     if values["output_file"]:
         from peft_graft.utils.atomic import write_file
 

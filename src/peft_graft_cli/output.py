@@ -16,12 +16,8 @@ def _quiet() -> bool:
 
 
 def result(text: str) -> None:
-    """A command's result line (always shown)."""
+    """A command's result (always shown, on stdout)."""
     click.echo(text)
-
-
-def text(block: str) -> None:
-    click.echo(block)
 
 
 def note(text: str) -> None:
