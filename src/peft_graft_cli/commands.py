@@ -44,7 +44,7 @@ def _settings_options(settings: type):
             command = click.option(
                 flag,
                 item.name,
-                type=_optional(kind) if optional else kind,
+                type=_Optional(kind) if optional else kind,
                 default=item.default,
                 show_default=item.default is not None,
                 help=help_text + (" ('none' for none)" if optional and item.default is not None else ""),
@@ -55,6 +55,8 @@ def _settings_options(settings: type):
 
 
 class _Optional(click.ParamType):
+    """A flag type for an optional value: 'none' gives None."""
+
     def __init__(self, kind: type) -> None:
         self.kind, self.name = kind, kind.__name__
 
@@ -65,11 +67,6 @@ class _Optional(click.ParamType):
             return self.kind(value)
         except ValueError:
             self.fail(f"{value!r} is not a valid {self.name}", param, ctx)
-
-
-def _optional(kind: type) -> click.ParamType:
-    """A flag type for an optional value: 'none' gives None."""
-    return _Optional(kind)
 
 
 def _settings_values(settings: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -221,21 +218,15 @@ def evaluate() -> click.Command:
 
         if not values["task"] and not values["texts"]:
             raise click.UsageError("give --task (questions scored by exact match) and/or --texts (perplexity)")
-        names = [Path(pack).name for pack in values["packs"]]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise click.UsageError(
-                f"two packs share the folder name {', '.join(repeated)}: each pack's row is named after its folder, "
-                "so give them distinct folder names"
-            )
-        if values["packs"] and any(name in ("base", "finetuned") for name in names):
+        packs = _by_folder_name(values["packs"], "each pack's row is named after its folder")
+        if set(packs) & {"base", "finetuned"}:
             raise click.UsageError("a pack folder may not be named 'base' or 'finetuned' (those rows are reserved)")
         try:
             task_options = json.loads(values["task_options"])
         except ValueError as error:
             raise click.BadParameter(f"not JSON ({error})", param_hint="--task-options") from None
         require_extra("eval", "peft-graft eval")  # before any model loads
-        _evaluate(values, dict(zip(names, values["packs"], strict=True)), task_options)
+        _evaluate(values, packs, task_options)
 
     return command
 
@@ -412,14 +403,19 @@ def _packs_of(inputs: tuple[str, ...]) -> tuple[str | None, dict[str, str]]:
         if not all(source.is_local for source in sources.values()):
             raise ExportError("the router references Hub packs: pull it with its packs first (peft-graft pull)")
         return str(root), {name: source.location for name, source in sources.items()}
-    names = [Path(folder).name for folder in inputs]
+    return None, _by_folder_name(inputs, "each is served under its folder's name")
+
+
+def _by_folder_name(folders: tuple[str, ...], named: str) -> dict[str, str]:
+    """Pack folders by the name of their folder (`named` says what the name is used for); two with one name are
+    refused."""
+    names = [Path(folder).name for folder in folders]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise click.UsageError(
-            f"two packs share the folder name {', '.join(repeated)}: each is served under its folder's name, so give "
-            "them distinct folder names"
+            f"two packs share the folder name {', '.join(repeated)}: {named}, so give them distinct folder names"
         )
-    return None, dict(zip(names, inputs, strict=True))
+    return dict(zip(names, folders, strict=True))
 
 
 def merge() -> click.Command:

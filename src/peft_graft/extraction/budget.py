@@ -146,18 +146,21 @@ def plan_budget(
     """Allocate `budget_bytes` (minus `mandatory_bytes`) across modules; see the module docstring."""
     levels = tuple(sorted(levels))
     curves = [_curve(candidate, group_size, levels) for candidate in candidates]
-    # the least that keeps anything: what must be stored, plus the cheapest first step of any module
-    needed = mandatory_bytes + math.ceil(min((_least_bytes(curve) for curve in curves), default=0.0))
+
+    def needed() -> int:  # the least that keeps anything: what must be stored, plus the cheapest module's first step
+        return mandatory_bytes + math.ceil(min((_least_bytes(curve) for curve in curves), default=0.0))
+
     if budget_bytes < mandatory_bytes:
         raise BudgetError(
             f"{budget_bytes} bytes is below what norms, biases and added rows need alone ({mandatory_bytes} bytes)",
-            needed_bytes=needed,
+            needed_bytes=needed(),
         )
     chosen = _allocate(curves, budget_bytes - mandatory_bytes)
     if curves and all(curve.choice(point) is None for curve, point in zip(curves, chosen, strict=True)):
+        least = needed()
         raise BudgetError(
-            f"{budget_bytes} bytes buys no module's delta (the least that keeps one is {needed} bytes)",
-            needed_bytes=needed,
+            f"{budget_bytes} bytes buys no module's delta (the least that keeps one is {least} bytes)",
+            needed_bytes=least,
         )
     plan = BudgetPlan()
     spent = 0.0

@@ -159,9 +159,9 @@ def _extract(run: _Run) -> ExtractionReport:
             )  # fmt: skip
         except BudgetError as error:  # in the caller's unit: a fraction of the fp16 delta
             smallest = error.needed_bytes / run.fp16_delta_bytes if error.needed_bytes else None
+            advice = f"; the smallest budget that keeps any module is {smallest:.3g}" if smallest else ""
             raise BudgetError(
-                f"a budget of {options.budget:.4g} of the fp16 delta is too small: {error}; the smallest budget that "
-                f"keeps any module is {smallest:.3g}",
+                f"a budget of {options.budget:.4g} of the fp16 delta is too small: {error}{advice}",
                 budget=options.budget,
                 smallest=smallest,
                 needed_bytes=error.needed_bytes,

@@ -44,18 +44,21 @@ def pack_summary(folder: str | os.PathLike | PackFolder) -> dict[str, Any]:
         key = module["role"] if reported and module["role"] else FORM_LABELS.get(module["form"], module["form"])
         groups[key].append(module)
     total = sum(module["bytes"] for module in modules) or 1
-    rows = [
-        {
-            keyed_by: key,
-            "modules": len(members),
-            "forms": sorted({m["form"] for m in members}),
-            "ranks": _span(m["rank"] for m in members),
-            "bits": sorted({b for m in members for b in m["bits"]}, reverse=True),
-            "bytes": sum(m["bytes"] for m in members),
-            "share": sum(m["bytes"] for m in members) / total,
-        }
-        for key, members in sorted(groups.items(), key=lambda item: -sum(m["bytes"] for m in item[1]))
-    ]
+    rows = []
+    for key, members in groups.items():
+        size = sum(m["bytes"] for m in members)
+        rows.append(
+            {
+                keyed_by: key,
+                "modules": len(members),
+                "forms": sorted({m["form"] for m in members}),
+                "ranks": _span(m["rank"] for m in members),
+                "bits": sorted({b for m in members for b in m["bits"]}, reverse=True),
+                "bytes": size,
+                "share": size / total,
+            }
+        )
+    rows.sort(key=lambda row: -row["bytes"])
     pack_bytes = pack.pack_bytes
     fp16_delta_bytes = info.get("fp16_delta_bytes") or report.get("fp16_delta_bytes")
     return {
